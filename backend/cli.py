@@ -1,0 +1,64 @@
+"""The `spo` command line.
+
+    spo info MODEL                 # family, components and sizes of a model (folder, .safetensors, "pocket")
+    spo sample MODEL --prompt P    # sample with our DDIM-eta step core and write a PNG
+
+Each subcommand's handler is imported only when it runs, so `spo --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (name, "module:function", help, argument-adder). Modules are relative to this package.
+_COMMANDS: list[tuple[str, str, str]] = [
+    ("info", "commands:cmd_info", "show the family, components and size of a base model"),
+    ("sample", "commands:cmd_sample", "sample images with the DDIM-eta step core"),
+]
+
+
+def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
+    from . import commands  # light module: argument definitions only, no torch import at module level
+
+    getattr(commands, f"args_{name}")(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spo",
+        description="SPO Studio: step-aware preference optimization for Stable Diffusion 1.5 and SDXL.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, target, help_text in _COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_arguments(name, p)
+        p.set_defaults(_target=target)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "_target", None):
+        parser.print_help()
+        return 0
+    module_name, func_name = args._target.split(":")
+    module = importlib.import_module(f".{module_name}", __package__)
+    try:
+        return int(getattr(module, func_name)(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:  # our loaders raise these with a clear message
+        print(f"spo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
