@@ -2,6 +2,7 @@
 
     spo info MODEL                 # family, components and sizes of a model (folder, .safetensors, "pocket")
     spo sample MODEL --prompt P    # sample with our DDIM-eta step core and write a PNG
+    spo pocket build|sample        # the embedded tiny model
 
 Each subcommand's handler is imported only when it runs, so `spo --help` stays fast.
 """
@@ -17,13 +18,14 @@ import sys
 _COMMANDS: list[tuple[str, str, str]] = [
     ("info", "commands:cmd_info", "show the family, components and size of a base model"),
     ("sample", "commands:cmd_sample", "sample images with the DDIM-eta step core"),
+    ("pocket", "pocket.cli:cmd_pocket", "the pocket world: build the tiny offline model, sample from it"),
 ]
 
 
-def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
-    from . import commands  # light module: argument definitions only, no torch import at module level
-
-    getattr(commands, f"args_{name}")(p)
+def _add_arguments(name: str, target: str, p: argparse.ArgumentParser) -> None:
+    # the handler's module defines `args_<name>`; these modules import torch only inside handlers
+    module = importlib.import_module(f".{target.split(':')[0]}", __package__)
+    getattr(module, f"args_{name}")(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, target, help_text in _COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _add_arguments(name, p)
+        _add_arguments(name, target, p)
         p.set_defaults(_target=target)
     return parser
 
