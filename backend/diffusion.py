@@ -95,16 +95,18 @@ class StepPrediction:
         return math.sqrt(self.alpha_prev) * self.x0_hat + direction * self.eps
 
 
-def cfg_unet(unet, x: torch.Tensor, t: int, cond: TextConditioning, negative: TextConditioning | None,
-             cfg_scale: float) -> torch.Tensor:
+def cfg_unet(unet, x: torch.Tensor, t: int | torch.Tensor, cond: TextConditioning,
+             negative: TextConditioning | None, cfg_scale: float) -> torch.Tensor:
     """ε̂ = ε_u + w·(ε_c − ε_u), with both halves in ONE batched UNet call (w = cfg_scale).
 
-    With `negative=None` or w = 1 the UNet runs once on the conditional half only.
+    `t` is one timestep for the batch or a tensor [B] of per-sample timesteps. With
+    `negative=None` or w = 1 the UNet runs once on the conditional half only.
     """
     if negative is None or cfg_scale == 1.0:
         return unet(x, t, **cond.unet_kwargs(), return_dict=False)[0]
     both = TextConditioning.cat([negative, cond])
-    eps_u, eps_c = unet(torch.cat([x, x]), t, **both.unet_kwargs(), return_dict=False)[0].chunk(2)
+    t2 = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim == 1 else t
+    eps_u, eps_c = unet(torch.cat([x, x]), t2, **both.unet_kwargs(), return_dict=False)[0].chunk(2)
     return eps_u + cfg_scale * (eps_c - eps_u)
 
 

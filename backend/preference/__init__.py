@@ -1,0 +1,1 @@
+"""The step-aware preference model (SPM): model, data, loss, training, scoring and evaluation."""

@@ -1,0 +1,137 @@
+"""The step-aware preference model: identity init, the loss by hand, data streaming, exact resume."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spo_studio.backend.config import load_config
+from spo_studio.backend.preference.data import PickAPicStream, write_pickapic
+from spo_studio.backend.preference.loss import pair_accuracy, preference_loss
+from spo_studio.backend.preference.spm import StepAwarePreferenceModel, pocket_clip_config
+from spo_studio.backend.preference.train import SPMTrainConfig, train_spm
+from spo_studio.backend.word_tokenizer import build_word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def small_spm():
+    tok = build_word_tokenizer(["a", "red", "blue", "circle", "square"], model_max_length=16)
+    torch.manual_seed(0)
+    from transformers import CLIPModel
+
+    clip = CLIPModel(pocket_clip_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, 16))
+    return StepAwarePreferenceModel(clip, tok).eval()
+
+
+def test_identity_init_equals_base_clip_for_any_t(small_spm):
+    spm = small_spm
+    images = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    ids = spm.tokenize(["a red circle", "a blue square", "a red square", "a blue circle"])
+    with torch.no_grad():
+        out = spm.clip(input_ids=ids, pixel_values=spm.preprocess(images))
+        base = out.logits_per_image.diagonal()
+        plain = spm(images, ids, None)
+        for t in (0, 1, 250, 500, 999):
+            s = spm(images, ids, torch.full((4,), t))
+            assert torch.equal(s, plain), f"t={t}: the untrained SPM must equal its base scorer exactly"
+    assert torch.allclose(plain, base, atol=1e-5)
+    # and training the modulation does change the score with t
+    with torch.no_grad():
+        spm.time.layers[0].weight.normal_(0, 0.1)
+        spm.time.mlp[0].weight.normal_(0, 0.1)
+        a = spm(images, ids, torch.full((4,), 100))
+        b = spm(images, ids, torch.full((4,), 900))
+        spm.time.reset_identity()
+    assert not torch.allclose(a, b)
+
+
+def test_loss_equals_hand_computation_with_ties():
+    s0 = torch.tensor([2.0, 0.5, 1.0])
+    s1 = torch.tensor([1.0, 1.5, 3.0])
+    l0 = torch.tensor([1.0, 0.0, 0.5])
+    l1 = torch.tensor([0.0, 1.0, 0.5])
+
+    def log_softmax_pair(a, b):
+        m = max(a, b)
+        z = math.log(math.exp(a - m) + math.exp(b - m)) + m
+        return a - z, b - z
+
+    per = []
+    for a, b, x, y in zip(s0.tolist(), s1.tolist(), l0.tolist(), l1.tolist()):
+        la, lb = log_softmax_pair(a, b)
+        tie = math.log(0.5) if x == y else 0.0
+        per.append(-(x * la + y * lb) + tie)
+    hand = sum(per) / 3
+    # pair 1: −log σ(1) = 0.31326; pair 2: −log σ(1) again; pair 3 (tie): −½(log p0 + log p1) + log ½
+    assert per[0] == pytest.approx(0.3132617, abs=1e-6)
+    assert per[2] == pytest.approx(-0.5 * (math.log(1 / (1 + math.e**2)) + math.log(1 / (1 + math.e**-2))) + math.log(0.5))
+    assert preference_loss(s0, s1, l0, l1).item() == pytest.approx(hand, abs=1e-6)
+    # a tie between equal scores has loss exactly 0
+    assert preference_loss(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.5])).item() == pytest.approx(0.0, abs=1e-7)
+    assert pair_accuracy(s0, s1, l0, l1).item() == pytest.approx(1.0)  # the tie is excluded
+
+
+def _png(color, size=32):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), color, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pair_rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        c0, c1 = rng.integers(0, 255, 3).tolist(), rng.integers(0, 255, 3).tolist()
+        label = [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)][i % 3]
+        rows.append({"caption": ["a red circle", "a blue square"][i % 2], "jpg_0": _png(c0), "jpg_1": _png(c1),
+                     "label_0": label[0], "label_1": label[1]})
+    return rows
+
+
+def test_stream_skips_and_counts_bad_rows(tmp_path):
+    rows = _pair_rows(6)
+    rows[1]["jpg_0"] = b"not an image"
+    rows[3]["caption"] = ""
+    rows[4]["label_0"] = None
+    path = tmp_path / "pairs.parquet"
+    write_pickapic(path, rows)
+    stream = PickAPicStream(path, batch_rows=2)
+    pairs = list(stream)
+    assert len(pairs) == 3
+    assert stream.stats == {"ok": 3, "undecodable_image": 1, "missing_caption": 1, "bad_label": 1}
+    assert pairs[-1].label0 == 0.5 and pairs[-1].image0.shape == (32, 32, 3)
+    # resume position: skipping 2 good pairs gives the 3rd
+    assert list(PickAPicStream(path).iter_epoch(0, start=2))[0].caption == pairs[2].caption
+    bad = tmp_path / "x.parquet"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="x.parquet: not a readable parquet"):
+        PickAPicStream(bad)
+
+
+def test_resumed_training_equals_uninterrupted(tiny_dirs, tmp_path):
+    data = tmp_path / "pairs.parquet"
+    write_pickapic(data, _pair_rows(40))
+    common = [f"base_model={tiny_dirs['sd15']}", "init=scratch:pocket", f"train_data={data}", "lr=1e-3",
+              "warmup_steps=2", "batch_size=4", "log_every=1", "shuffle_buffer=8", "t_max=999"]
+
+    full = load_config(SPMTrainConfig, None, common + [f"output_dir={tmp_path / 'full'}", "max_steps=12",
+                                                       "checkpoint_every=100"])
+    train_spm(full)
+    first = load_config(SPMTrainConfig, None, common + [f"output_dir={tmp_path / 'cut'}", "max_steps=7",
+                                                        "checkpoint_every=7"])
+    train_spm(first)  # "interrupted" after step 7 (mid-epoch 1: 10 batches per epoch)
+    second = load_config(SPMTrainConfig, None, common + [f"output_dir={tmp_path / 'cut'}", "max_steps=12",
+                                                         "checkpoint_every=100"])
+    train_spm(second)
+    a = StepAwarePreferenceModel.load(tmp_path / "full" / "spm").state_dict()
+    b = StepAwarePreferenceModel.load(tmp_path / "cut" / "spm").state_dict()
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    changed = max((a[k].float() - StepAwarePreferenceModel.load(tmp_path / "full" / "spm").state_dict()[k].float()).abs().max().item() for k in a)
+    assert changed == 0.0
+    metrics = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 12
