@@ -19,13 +19,16 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("info", "commands:cmd_info", "show the family, components and size of a base model"),
     ("sample", "commands:cmd_sample", "sample images with the DDIM-eta step core"),
     ("pocket", "pocket.cli:cmd_pocket", "the pocket world: build the tiny offline model, sample from it"),
+    ("train-spm", "preference.cli:cmd_train_spm", "train the step-aware preference model (SPM)"),
+    ("eval-spm", "preference.cli:cmd_eval_spm", "SPM vs base scorer accuracy per timestep bucket"),
+    ("score", "preference.cli:cmd_score", "sample a trajectory and score every step's x0 with the SPM"),
 ]
 
 
 def _add_arguments(name: str, target: str, p: argparse.ArgumentParser) -> None:
     # the handler's module defines `args_<name>`; these modules import torch only inside handlers
     module = importlib.import_module(f".{target.split(':')[0]}", __package__)
-    getattr(module, f"args_{name}")(p)
+    getattr(module, f"args_{name.replace('-', '_')}")(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,26 +1,36 @@
 """`spo pocket build`: rebuild the pocket world's shipped files, seeded and deterministic.
 
-    spo pocket build [--out backend/pocket/model] [--stage base]
+    spo pocket build [--stage all|base|data|scorer|spm|report]
 
-Stages: `base` — world images → VAE → UNet + text encoder → a diffusers folder (≈ 20 min on
-2 CPU cores). Every stage is seeded; the build log and timings land in `pocket_build.json` beside
-the weights.
+Stages (each reads what the previous ones wrote):
+  base    world images → VAE → UNet + text encoder → `model/` (a diffusers SD1.5-class folder)
+  data    pocket samples labelled by the simulated crowd → `data/pairs_{train,held_out}.parquet`
+  scorer  the pocket "PickScore": a small CLIP trained on clean pairs → `scorer/`
+  spm     the pocket step-aware preference model, from the scorer, on noisy x̂0 → `spm/`
+  report  alignment/aesthetic of base-model samples on training and held-out prompts, SPM accuracy
+          per timestep, a sample grid → `report.json`, `pocket_grid.png`, `spm_eval.png`
+Timings and settings land in `build_log.json`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..config import atomic_write_text
 from . import world
 from .base_model import PocketModelConfig, build_base_model
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "model"
+POCKET_ROOT = Path(__file__).resolve().parent
+DEFAULT_OUT = POCKET_ROOT / "model"
+STAGES = ("base", "data", "scorer", "spm", "report")
 
 
 def world_dataset(n: int, seed: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
@@ -37,12 +47,85 @@ def pocket_tokenizer(max_tokens: int):
     return build_word_tokenizer(world.VOCABULARY, model_max_length=max_tokens)
 
 
-def build(out_dir: Path = DEFAULT_OUT, cfg: PocketModelConfig | None = None) -> dict:
+def _log_stage(name: str, seconds: float, info: dict) -> None:
+    path = POCKET_ROOT / "build_log.json"
+    log = json.loads(path.read_text()) if path.exists() else {}
+    log[name] = {"seconds": round(seconds, 1), "threads": torch.get_num_threads(), **info}
+    atomic_write_text(path, json.dumps(log, indent=2, default=str))
+
+
+def stage_base(cfg: PocketModelConfig | None = None, out_dir: Path = DEFAULT_OUT) -> dict:
     cfg = cfg or PocketModelConfig()
     torch.manual_seed(cfg.seed)
     logger.info("rendering %d world images (%d px)", cfg.train_images, cfg.image_size)
     images, prompts = world_dataset(cfg.train_images, cfg.seed, cfg.image_size)
-    tokenizer = pocket_tokenizer(cfg.max_tokens)
-    stats = build_base_model(cfg, images, prompts, tokenizer, Path(out_dir))
+    stats = build_base_model(cfg, images, prompts, pocket_tokenizer(cfg.max_tokens), Path(out_dir))
     logger.info("pocket base model written to %s in %.0f s", out_dir, stats["seconds_total"])
     return stats
+
+
+def stage_data() -> dict:
+    from ..models import load_model
+    from .preference_data import build_preference_data
+
+    return build_preference_data(load_model("pocket", device="cpu"))
+
+
+def stage_scorer(steps: int = 1500) -> dict:
+    from ..config import load_config
+    from ..preference.train import POCKET_SCORER_DIR, SPMTrainConfig, train_spm
+    from .preference_data import TRAIN_PAIRS
+
+    cfg = load_config(SPMTrainConfig, POCKET_ROOT.parents[1] / "configs" / "pocket_scorer.yaml",
+                      [f"train_data={TRAIN_PAIRS}", f"max_steps={steps}"])
+    out = train_spm(cfg)
+    _replace_dir(out, POCKET_SCORER_DIR)
+    return {"steps": steps, "run": cfg.output_dir}
+
+
+def stage_spm(steps: int = 1500) -> dict:
+    from ..config import load_config
+    from ..preference.train import POCKET_SPM_DIR, SPMTrainConfig, train_spm
+    from .preference_data import TRAIN_PAIRS
+
+    cfg = load_config(SPMTrainConfig, POCKET_ROOT.parents[1] / "configs" / "pocket_spm.yaml",
+                      [f"train_data={TRAIN_PAIRS}", f"max_steps={steps}"])
+    out = train_spm(cfg)
+    _replace_dir(out, POCKET_SPM_DIR)
+    return {"steps": steps, "run": cfg.output_dir}
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    import shutil
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.replace(dst)
+
+
+def build(stages: tuple[str, ...] = STAGES, cfg: PocketModelConfig | None = None, out_dir: Path = DEFAULT_OUT) -> dict:
+    results = {}
+    for name in stages:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+        start = time.time()
+        if name == "base":
+            info = stage_base(cfg, out_dir)
+        elif name == "data":
+            info = stage_data()
+        elif name == "scorer":
+            info = stage_scorer()
+        elif name == "spm":
+            info = stage_spm()
+        else:
+            from .report import stage_report
+
+            info = stage_report()
+        _log_stage(name, time.time() - start, info)
+        results[name] = info
+        logger.info("stage %s done in %.0f s", name, time.time() - start)
+    return results

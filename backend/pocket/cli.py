@@ -8,8 +8,10 @@ from pathlib import Path
 
 def args_pocket(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="pocket_command", metavar="ACTION", required=True)
-    b = sub.add_parser("build", help="rebuild the pocket base model (seeded, deterministic; ~20 min on 2 cores)")
-    b.add_argument("--out", default=None, help="output folder (default: backend/pocket/model)")
+    b = sub.add_parser("build", help="rebuild the pocket model, preference data, scorer and SPM (seeded, deterministic)")
+    b.add_argument("--stage", action="append", default=None,
+                   help="base, data, scorer, spm or report (repeatable; default: all, in that order)")
+    b.add_argument("--out", default=None, help="base model folder (default: backend/pocket/model)")
     b.add_argument("--unet-steps", type=int, default=None, help="override the UNet training steps (default 2800)")
     b.add_argument("--vae-steps", type=int, default=None, help="override the VAE training steps (default 1500)")
     s = sub.add_parser("sample", help="sample an image from the pocket model")
@@ -24,16 +26,18 @@ def args_pocket(p: argparse.ArgumentParser) -> None:
 
 def cmd_pocket(args) -> int:
     if args.pocket_command == "build":
+        import json
+
         from .base_model import PocketModelConfig
-        from .build import DEFAULT_OUT, build
+        from .build import DEFAULT_OUT, STAGES, build
 
         cfg = PocketModelConfig()
         if args.unet_steps is not None:
             cfg.unet_steps = args.unet_steps
         if args.vae_steps is not None:
             cfg.vae_steps = args.vae_steps
-        stats = build(Path(args.out) if args.out else DEFAULT_OUT, cfg)
-        print(f"built the pocket model in {stats['seconds_total']:.0f} s ({stats['threads']} threads)")
+        results = build(tuple(args.stage or STAGES), cfg, Path(args.out) if args.out else DEFAULT_OUT)
+        print(json.dumps(results, indent=2, default=str))
         return 0
 
     import torch

@@ -1,0 +1,84 @@
+"""`spo train-spm`, `spo eval-spm`, `spo score`: the preference-model commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def args_train_spm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML preset, e.g. configs/pocket_spm.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config (see --list-keys)")
+    p.add_argument("--list-keys", action="store_true", help="list the config keys with defaults and help")
+
+
+def cmd_train_spm(args) -> int:
+    from ..config import help_texts, load_config
+    from .train import SPMTrainConfig, train_spm
+
+    if args.list_keys:
+        defaults = SPMTrainConfig()
+        for key, text in help_texts(SPMTrainConfig).items():
+            print(f"{key} = {getattr(defaults, key)!r}\n    {text}")
+        return 0
+    cfg = load_config(SPMTrainConfig, args.config, args.overrides)
+    out = train_spm(cfg)
+    print(f"SPM written to {out}")
+    return 0
+
+
+def args_eval_spm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spm", default="pocket", help="SPM folder or 'pocket'")
+    p.add_argument("--base-scorer", default=None, help="base scorer folder (default: the pocket scorer)")
+    p.add_argument("--model", default="pocket", help="base diffusion model for the one-step x̂0")
+    p.add_argument("--data", default=None, help="held-out Pick-a-Pic parquet (default: the pocket held-out pairs)")
+    p.add_argument("--max-pairs", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/spm_eval", help="output folder for spm_eval.json and spm_eval.png")
+
+
+def cmd_eval_spm(args) -> int:
+    from ..models import load_model
+    from .evaluate import BUCKETS, eval_spm, write_eval
+    from .train import POCKET_SCORER_DIR
+
+    data = args.data
+    if data is None:
+        from ..pocket.preference_data import HELD_OUT_PAIRS
+
+        data = HELD_OUT_PAIRS
+    model = load_model(args.model)
+    result = eval_spm(args.spm, args.base_scorer or POCKET_SCORER_DIR, model, data, BUCKETS, args.max_pairs,
+                      seed=args.seed)
+    write_eval(result, Path(args.out))
+    for t, row in result["buckets"].items():
+        print(f"t={t:>4}  SPM {row['spm']['accuracy']:.3f} ± {row['spm']['stderr']:.3f}   "
+              f"base {row['base']['accuracy']:.3f} ± {row['base']['stderr']:.3f}   n={row['spm']['n']}")
+    print(f"wrote {args.out}/spm_eval.json and spm_eval.png")
+    return 0
+
+
+def args_score(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="pocket", help="base model: 'pocket', a folder or a .safetensors file")
+    p.add_argument("--spm", default="pocket", help="SPM folder or 'pocket'")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--out", default="runs/score", help="output folder")
+
+
+def cmd_score(args) -> int:
+    from ..models import load_model
+    from .evaluate import score_trajectory, write_score_outputs
+    from .scoring import Scorer
+
+    model = load_model(args.model)
+    scorer = Scorer.from_path(args.spm, model)
+    result = score_trajectory(model, scorer, args.prompt, args.seed, args.steps, args.cfg, args.eta)
+    meta = write_score_outputs(result, Path(args.out))
+    print(json.dumps({"timesteps": meta["timesteps"], "scores": [round(s, 3) for s in meta["scores"]]}))
+    print(f"wrote {args.out}/scores.json, scores.png, x0_strip.png")
+    return 0

@@ -1,0 +1,91 @@
+"""The scoring API used by the SPO trainer, the ComfyUI nodes and the page.
+
+    scorer = Scorer.from_path("pocket", base_model)           # or an SPM / PickScore folder
+    s = scorer.score_latents(x0_hat, prompts, t)               # [B] scores of one-step predictions
+    s = scorer.score_images(images, prompts, t)                # images [B, 3, H, W] in [0, 1]
+
+Batched; text features are cached per prompt (a prompt is encoded once per scorer); on a GPU the
+SPM runs in half precision (bf16 where supported). `t` is an int for the whole batch, a tensor [B],
+or None for the base scorer's behaviour (no time conditioning). `decode_size` scores a
+lower-resolution decode (the SPM sees 224 px, or the pocket SPM 32 px, anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .spm import StepAwarePreferenceModel
+
+logger = logging.getLogger(__name__)
+
+
+class Scorer:
+    def __init__(self, spm: StepAwarePreferenceModel, base_model=None, device=None, half: bool | None = None,
+                 decode_size: int = 0):
+        device = torch.device(device) if device is not None else (base_model.device if base_model else torch.device("cpu"))
+        if half is None:
+            half = device.type == "cuda"
+        dtype = torch.float32
+        if half:
+            dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+        self.spm = spm.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.base_model = base_model
+        self.device = device
+        self.dtype = dtype
+        self.decode_size = decode_size
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_path(cls, path: str | Path, base_model=None, **kwargs) -> "Scorer":
+        """'pocket' (the shipped pocket SPM), an SPM folder, or a CLIP/PickScore folder."""
+        if str(path) == "pocket":
+            from .train import POCKET_SPM_DIR
+
+            if not (POCKET_SPM_DIR / "spm.json").exists():
+                raise FileNotFoundError(f"{POCKET_SPM_DIR}: the pocket SPM is not built; run `spo pocket build`")
+            path = POCKET_SPM_DIR
+        return cls(StepAwarePreferenceModel.load(path), base_model, **kwargs)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            ids = self.spm.tokenize(missing).to(self.device)
+            for p, f in zip(missing, self.spm.text_features(ids)):
+                self._text_cache[p] = f
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def _t(self, t, batch: int) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if isinstance(t, torch.Tensor) and t.ndim == 1:
+            return t.to(self.device)
+        return torch.full((batch,), int(t), device=self.device, dtype=torch.long)
+
+    @torch.no_grad()
+    def score_images(self, images: torch.Tensor, prompts: list[str], t=None) -> torch.Tensor:
+        """Scores [B] (float32) of images [B, 3, H, W] in [0, 1] for their prompts at timestep(s) t."""
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        pixels = self.spm.preprocess(images.to(self.device))
+        feats = self.spm.image_features(pixels.to(self.dtype), self._t(t, len(prompts)))
+        return self.spm.score_features(feats, self.text_features(prompts)).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.base_model is None:
+            raise ValueError("scoring latents needs the base model (for its VAE)")
+        images = self.base_model.decode(latents)
+        if self.decode_size:
+            images = F.interpolate(images, size=(self.decode_size, self.decode_size), mode="bicubic",
+                                   align_corners=False, antialias=True).clamp(0, 1)
+        return images
+
+    @torch.no_grad()
+    def score_latents(self, latents: torch.Tensor, prompts: list[str], t=None) -> torch.Tensor:
+        """Scores [B] of (one-step x̂0) latents, decoded by the base model's VAE first."""
+        return self.score_images(self.decode(latents), prompts, t)
