@@ -22,6 +22,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("train-spm", "preference.cli:cmd_train_spm", "train the step-aware preference model (SPM)"),
     ("eval-spm", "preference.cli:cmd_eval_spm", "SPM vs base scorer accuracy per timestep bucket"),
     ("score", "preference.cli:cmd_score", "sample a trajectory and score every step's x0 with the SPM"),
+    ("train", "train.cli:cmd_train", "fine-tune a LoRA with SPO (or Diffusion-DPO / -RPO)"),
 ]
 
 

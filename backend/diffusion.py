@@ -65,6 +65,37 @@ def ddim_sigma(alpha_t: float, alpha_prev: float, eta: float) -> float:
     return eta * math.sqrt((1 - alpha_prev) / (1 - alpha_t)) * math.sqrt(1 - alpha_t / alpha_prev)
 
 
+def alpha_bar_tensor(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t for a tensor of timesteps (negative t → final_alpha_cumprod), float64 [N]."""
+    alphas = scheduler.alphas_cumprod.to(torch.float64)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
+    t = t.to("cpu").long()
+    return torch.where(t >= 0, alphas[t.clamp(min=0)], final)
+
+
+def ddim_sigma_tensor(alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """σ_t(η) of DDIM eq. 16 for tensors of ᾱ (per-sample timesteps)."""
+    return eta * ((1 - alpha_prev) / (1 - alpha_t)).sqrt() * (1 - alpha_t / alpha_prev).sqrt()
+
+
+def ddim_mean_tensor(x0_hat: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """μ of DDIM eq. 12 with per-sample ᾱ_{t−1} and σ_t (tensors [N], broadcast over C, H, W)."""
+    shape = (-1,) + (1,) * (x0_hat.ndim - 1)
+    a_prev = alpha_prev.view(shape).to(x0_hat.device, x0_hat.dtype)
+    direction = (1 - alpha_prev - sigma**2).clamp(min=0).sqrt().view(shape).to(x0_hat.device, x0_hat.dtype)
+    return a_prev.sqrt() * x0_hat + direction * eps
+
+
+def transition_log_prob_tensor(x_prev: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample-σ version of `transition_log_prob`: mean over elements of log N(x_{t−1}; μ, σ²I) → [N]."""
+    if (sigma <= 0).any():
+        raise ValueError("the transition log-probability needs sigma_t > 0 (eta > 0) for every sample")
+    s = sigma.to(x_prev.device, torch.float32).view((-1,) + (1,) * (x_prev.ndim - 1))
+    diff = (x_prev.float() - mean.float()) ** 2
+    log_p = -diff / (2 * s**2) - s.log() - 0.5 * math.log(2 * math.pi)
+    return log_p.flatten(1).mean(dim=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # One step: predict, then draw
 # ----------------------------------------------------------------------------------------------

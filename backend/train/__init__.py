@@ -1,0 +1,1 @@
+"""Preference fine-tuning: SPO (online, step-aware) and, on the same loop, Diffusion-DPO / -RPO."""

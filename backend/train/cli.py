@@ -1,0 +1,46 @@
+"""`spo train --config FILE [key=value …]`: fine-tune a LoRA with SPO (or a baseline, by `method:`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+METHODS = {"spo": ("spo", "SPOConfig", "loop", "train_spo")}
+
+
+def args_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML preset, e.g. configs/pocket_spo.yaml (its `method:` picks "
+                                                   "the method; default spo)")
+    p.add_argument("--method", default=None, choices=sorted(METHODS), help="override the preset's method")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    p.add_argument("--list-keys", action="store_true", help="list the method's config keys with defaults and help")
+
+
+def cmd_train(args) -> int:
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    from ..config import help_texts, load_config
+
+    method = args.method
+    if method is None and args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such config file")
+        method = (yaml.safe_load(path.read_text()) or {}).get("method", "spo")
+    method = method or "spo"
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    cfg_module, cfg_class, loop_module, fn = METHODS[method]
+    cls = getattr(importlib.import_module(f".{cfg_module}", __package__), cfg_class)
+    if args.list_keys:
+        defaults = cls()
+        for key, text in help_texts(cls).items():
+            print(f"{key} = {getattr(defaults, key)!r}\n    {text}")
+        return 0
+    cfg = load_config(cls, args.config, args.overrides)
+    result = getattr(importlib.import_module(f".{loop_module}", __package__), fn)(cfg)
+    print(json.dumps(result, indent=2))
+    return 0 if result["status"] in ("finished", "stopped") else 1

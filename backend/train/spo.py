@@ -1,0 +1,254 @@
+"""Step-aware preference optimization (SPO, Liang et al., arXiv 2406.04314, CVPR 2025).
+
+    spo train --config configs/pocket_spo.yaml [key=value …]
+    accelerate launch -m spo_studio.backend.cli train --config configs/sd15_spo.yaml
+
+One *round* (SPO §4.2, Alg. 1):
+  1. Sample with the current policy (the UNet with its LoRA), DDIM-η (η = 1), CFG 5. The first
+     `divert_start_step` steps are one trajectory per prompt, so the layout forms first.
+  2. At every later step, from the shared x_t draw a pool of k candidates x_{t−1} = μ_θ + σ_t·z
+     (one UNet pass served them all). One UNet pass on the k candidates gives their one-step x̂0 at
+     t−1 (the same pass then serves the next step), and the step-aware preference model scores
+     them at t−1 (the last step's candidates are clean images, scored at t = 0).
+  3. Winner = argmax, loser = argmin of the scores; the pair is kept when the softmax gap
+     p_w − p_l = tanh((s_w − s_l)/2) exceeds `threshold`. The next step continues from a
+     uniformly random candidate, whatever its score.
+  4. Train on the round's pairs. Winner and loser share x_t, so ONE policy pass (with grad) and ONE
+     reference pass (adapters disabled, no grad) at x_t give both μ_θ and μ_ref:
+
+        log p(x_{t−1} | x_t) = mean over C·H·W of log N(x_{t−1}; μ(x_t), σ_t²I)   (DDIM eq. 12, 16)
+        r = clamp(p_θ / p_ref, 1 − ε, 1 + ε)                                      (SPO eq. 9)
+        L = −log σ(β · (log r_w − log r_l))                                        (SPO eq. 10)
+
+Notation: β `beta` (10), ε `clip_range` (0.1), k `pool_size` (4 SD1.5 / 2 SDXL), threshold 0.3 /
+0.4. The clamp zeroes a pair's gradient once its ratio leaves [1−ε, 1+ε] (no PPO-style min), as
+in the official code. Gradient clipping is applied for real (the official code's is a no-op).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import diffusion
+from ..config import option
+from ..models import DiffusionModel, TextConditioning
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SPOConfig:
+    """SPO fine-tuning; defaults are the paper's SD1.5 settings (official `basic_config.py`)."""
+
+    base_model: str = option("pocket", "base model: 'pocket', a diffusers folder or a single .safetensors file")
+    spm: str = option("pocket", "step-aware preference model: 'pocket' or an SPM folder")
+    prompts: str = option("pocket", "training prompts: 'pocket' (the pocket training prompts) or a .txt "
+                                    "(one per line) / .json (list of strings) file")
+    output_dir: str = option("runs/spo", "run folder: config, metrics, checkpoints, LoRA files, samples")
+    num_steps: int = option(20, "DDIM sampling steps of a rollout")
+    eta: float = option(1.0, "DDIM η of the rollout (1: σ_t is the DDPM posterior std)")
+    cfg_scale: float = option(5.0, "classifier-free guidance scale of rollout and loss")
+    divert_start_step: int = option(4, "the first N steps are a single trajectory before pools are drawn")
+    pool_size: int = option(4, "k candidates per step (paper: 4 SD1.5, 2 SDXL)")
+    threshold: float = option(0.3, "keep a pair when p_w − p_l exceeds this (paper: 0.3 SD1.5, 0.4 SDXL)")
+    beta: float = option(10.0, "β of the loss −log σ(β·(log r_w − log r_l))")
+    clip_range: float = option(0.1, "ε: ratios are clamped to [1−ε, 1+ε]")
+    lora_rank: int = option(4, "LoRA rank r (paper: 4 SD1.5, 64 SDXL)")
+    lora_alpha: float = option(4.0, "LoRA alpha (paper: alpha = r)")
+    lora_targets: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA")
+    lr: float = option(6e-5, "AdamW learning rate (paper: 6e-5 SD1.5, 1e-5 SDXL)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient-norm clipping, applied for real (0: off)")
+    prompts_per_round: int = option(10, "prompts rolled out per process per round")
+    train_batch_size: int = option(10, "pairs per optimizer micro-step")
+    grad_accum: int = option(1, "gradient accumulation micro-steps per optimizer step")
+    epochs: int = option(10, "passes over the prompt list (paper: 10 epochs of 4k prompts)")
+    max_steps: int = option(0, "stop after this many optimizer steps (0: no limit)")
+    max_minutes: float = option(0.0, "stop after this much wall-clock time, with a final checkpoint (0: no limit)")
+    decode_size: int = option(0, "decode x̂0 at this size for the SPM (0: the model's size)")
+    mixed_precision: str = option("no", "no, fp16 or bf16 (accelerate)")
+    gradient_checkpointing: bool = option(False, "trade compute for memory in the UNet")
+    checkpoint_every: int = option(50, "save a resumable checkpoint every N optimizer steps")
+    log_every: int = option(1, "log metrics every N optimizer steps")
+    sample_prompts: list[str] = option([], "prompts for the per-epoch sample images (default: the first 4 prompts)")
+    seed: int = option(0, "seed of prompt order, rollouts and LoRA init")
+    resume: bool = option(True, "resume from the latest checkpoint in output_dir if there is one")
+
+    def validate(self) -> None:
+        if self.pool_size < 2:
+            raise ValueError(f"pool_size must be >= 2 (a pair needs two candidates); got {self.pool_size}")
+        if not 0 <= self.divert_start_step < self.num_steps:
+            raise ValueError(f"divert_start_step must lie in [0, num_steps); got {self.divert_start_step}")
+        if self.eta <= 0:
+            raise ValueError(f"SPO needs eta > 0 (stochastic steps give the pool and the log-probabilities); got {self.eta}")
+        if not 0 < self.clip_range < 1:
+            raise ValueError(f"clip_range must lie in (0, 1); got {self.clip_range}")
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"threshold must lie in [0, 1); got {self.threshold}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+# ----------------------------------------------------------------------------------------------
+
+
+def spo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_logp_w: torch.Tensor, ref_logp_l: torch.Tensor,
+             beta: float, clip_range: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """SPO eq. 9–10: L = −log σ(β·(log clamp(r_w) − log clamp(r_l))), mean over (weighted) pairs.
+
+    log r = log p_θ − log p_ref, and clamp(r, 1−ε, 1+ε) in log space is clamp(log r, log(1−ε), log(1+ε)).
+    `weight` [N] (0 or 1) masks padding pairs without changing the graph (multi-process balance).
+    """
+    lo, hi = math.log(1 - clip_range), math.log(1 + clip_range)
+    log_r_w = (logp_w - ref_logp_w).clamp(lo, hi)
+    log_r_l = (logp_l - ref_logp_l).clamp(lo, hi)
+    per_pair = -F.logsigmoid(beta * (log_r_w - log_r_l))
+    if weight is None:
+        weight = torch.ones_like(per_pair)
+    loss = (per_pair * weight).sum() / weight.sum().clamp(min=1)
+    stats = {"ratio_w": log_r_w.detach().exp().mean().item(), "ratio_l": log_r_l.detach().exp().mean().item()}
+    return loss, stats
+
+
+def select_pairs(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores [B, k] → (winner index [B], loser index [B], keep [B]): argmax / argmin, kept when the
+    softmax of (s_w, s_l) gives p_w − p_l = tanh((s_w − s_l)/2) > threshold."""
+    win = scores.argmax(dim=1)
+    lose = scores.argmin(dim=1)
+    s_w = scores.gather(1, win[:, None]).squeeze(1)
+    s_l = scores.gather(1, lose[:, None]).squeeze(1)
+    gap = torch.tanh((s_w - s_l).float() / 2)
+    return win, lose, gap > threshold
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pairs:
+    """Training pairs of a round: winner and loser share x_t and the prompt."""
+
+    x_t: torch.Tensor  # [N, C, H, W]
+    x_w: torch.Tensor
+    x_l: torch.Tensor
+    t: torch.Tensor  # [N] long
+    t_prev: torch.Tensor  # [N] long
+    prompts: list[str]
+
+    def __len__(self) -> int:
+        return self.x_t.shape[0]
+
+    def index(self, idx) -> "Pairs":
+        idx_list = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
+        sel = torch.as_tensor(idx_list, dtype=torch.long)
+        return Pairs(self.x_t[sel], self.x_w[sel], self.x_l[sel], self.t[sel], self.t_prev[sel],
+                     [self.prompts[i] for i in idx_list])
+
+    @staticmethod
+    def cat(parts: list["Pairs"]) -> "Pairs":
+        return Pairs(*(torch.cat([getattr(p, f) for p in parts]) for f in ("x_t", "x_w", "x_l", "t", "t_prev")),
+                     [s for p in parts for s in p.prompts])
+
+    def to_state(self) -> dict:
+        return {"x_t": self.x_t.cpu(), "x_w": self.x_w.cpu(), "x_l": self.x_l.cpu(), "t": self.t.cpu(),
+                "t_prev": self.t_prev.cpu(), "prompts": list(self.prompts)}
+
+    @staticmethod
+    def from_state(state: dict) -> "Pairs":
+        return Pairs(state["x_t"], state["x_w"], state["x_l"], state["t"], state["t_prev"], state["prompts"])
+
+
+@torch.no_grad()
+def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg: SPOConfig,
+            generator: torch.Generator) -> tuple[Pairs, dict]:
+    """One round of pooled sampling with the current policy; returns the kept pairs and statistics."""
+    b, k = len(prompts), cfg.pool_size
+    cond = model.encode_prompts(prompts)
+    negative = model.encode_negative(b)
+    cond_k, negative_k = cond.repeat_interleave(k), negative.repeat_interleave(k)
+    prompts_k = [p for p in prompts for _ in range(k)]
+    grid = diffusion.timesteps(model.scheduler, cfg.num_steps)
+    prev = [diffusion.prev_timestep(model.scheduler, t, cfg.num_steps) for t in grid]
+    x = diffusion.initial_latents(model, b, generator=generator)
+
+    pred = None
+    kept: list[Pairs] = []
+    scores_seen, pairs_possible = [], 0
+    for i, (t, t_prev) in enumerate(zip(grid, prev)):
+        if pred is None:
+            pred = diffusion.predict(model, x, t, t_prev, cond, negative, cfg.cfg_scale, unet=policy_unet)
+        if i < cfg.divert_start_step:
+            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+            x = diffusion.draw(pred, noise, cfg.eta)
+            pred = None
+            continue
+        pool = diffusion.sample_pool(pred, k, cfg.eta, generator)  # [b, k, C, H, W], no UNet call
+        flat = pool.candidates.reshape(b * k, *x.shape[1:])
+        if t_prev >= 0:
+            nxt_t = grid[i + 1]
+            nxt_prev = prev[i + 1]
+            nxt = diffusion.predict(model, flat, nxt_t, nxt_prev, cond_k, negative_k, cfg.cfg_scale, unet=policy_unet)
+            scores = scorer.score_latents(nxt.x0_hat, prompts_k, nxt_t)
+        else:  # the last step's candidates are clean: score them as they are, at t = 0
+            nxt = None
+            scores = scorer.score_latents(flat, prompts_k, 0)
+        scores = scores.view(b, k)
+        scores_seen.append(scores.float().cpu())
+        win, lose, keep = select_pairs(scores, cfg.threshold)
+        pairs_possible += b
+        rows = torch.nonzero(keep).flatten()
+        if len(rows):
+            kept.append(Pairs(
+                x_t=x[rows].detach().float().cpu(),
+                x_w=pool.candidates[rows, win[rows]].float().cpu(),
+                x_l=pool.candidates[rows, lose[rows]].float().cpu(),
+                t=torch.full((len(rows),), t, dtype=torch.long),
+                t_prev=torch.full((len(rows),), t_prev, dtype=torch.long),
+                prompts=[prompts[r] for r in rows.tolist()],
+            ))
+        # continue from a uniformly random candidate, whatever its score; its prediction is cached
+        pick = torch.randint(0, k, (b,), generator=generator)
+        x = pool.candidates[torch.arange(b), pick]
+        if nxt is not None:
+            sel = torch.arange(b) * k + pick
+            pred = diffusion.StepPrediction(x_t=x, eps=nxt.eps[sel], x0_hat=nxt.x0_hat[sel], t=nxt.t,
+                                            t_prev=nxt.t_prev, alpha_t=nxt.alpha_t, alpha_prev=nxt.alpha_prev)
+    all_scores = torch.cat(scores_seen) if scores_seen else torch.zeros(0)
+    pairs = Pairs.cat(kept) if kept else Pairs(*(torch.zeros(0),) * 3, torch.zeros(0, dtype=torch.long),
+                                               torch.zeros(0, dtype=torch.long), [])
+    stats = {"pairs": len(pairs), "pair_yield": len(pairs) / max(1, pairs_possible),
+             "score_mean": all_scores.mean().item() if all_scores.numel() else float("nan"),
+             "score_std": all_scores.std().item() if all_scores.numel() > 1 else float("nan")}
+    return pairs, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities of a pair batch under the policy and the reference
+# ----------------------------------------------------------------------------------------------
+
+
+def pair_log_probs(model: DiffusionModel, unet, batch: Pairs, cond: TextConditioning, negative: TextConditioning,
+                   cfg: SPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x_w | x_t) and log p(x_l | x_t) under `unet`, from ONE UNet pass at x_t (CFG batched)."""
+    device = model.device
+    x_t = batch.x_t.to(device, model.dtype)
+    a_t = diffusion.alpha_bar_tensor(model.scheduler, batch.t)
+    a_prev = diffusion.alpha_bar_tensor(model.scheduler, batch.t_prev)
+    sigma = diffusion.ddim_sigma_tensor(a_t, a_prev, cfg.eta)
+    eps = diffusion.cfg_unet(unet, x_t, batch.t.to(device), cond, negative, cfg.cfg_scale).float()
+    shape = (-1, 1, 1, 1)
+    a_t_ = a_t.view(shape).to(device, torch.float32)
+    x0_hat = (x_t.float() - (1 - a_t_).sqrt() * eps) / a_t_.sqrt()
+    mean = diffusion.ddim_mean_tensor(x0_hat, eps, a_prev, sigma)
+    lp_w = diffusion.transition_log_prob_tensor(batch.x_w.to(device), mean, sigma)
+    lp_l = diffusion.transition_log_prob_tensor(batch.x_l.to(device), mean, sigma)
+    return lp_w, lp_l
