@@ -3,6 +3,7 @@
     spo info MODEL                 # family, components and sizes of a model (folder, .safetensors, "pocket")
     spo sample MODEL --prompt P    # sample with our DDIM-eta step core and write a PNG
     spo pocket build|sample        # the embedded tiny model
+    spo lora info|convert|merge    # LoRA files in webui/kohya and diffusers form
 
 Each subcommand's handler is imported only when it runs, so `spo --help` stays fast.
 """
@@ -19,6 +20,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("info", "commands:cmd_info", "show the family, components and size of a base model"),
     ("sample", "commands:cmd_sample", "sample images with the DDIM-eta step core"),
     ("pocket", "pocket.cli:cmd_pocket", "the pocket world: build the tiny offline model, sample from it"),
+    ("lora", "lora_cli:cmd_lora", "LoRA files: info, convert webui <-> diffusers, merge into a base model"),
     ("train-spm", "preference.cli:cmd_train_spm", "train the step-aware preference model (SPM)"),
     ("eval-spm", "preference.cli:cmd_eval_spm", "SPM vs base scorer accuracy per timestep bucket"),
     ("score", "preference.cli:cmd_score", "sample a trajectory and score every step's x0 with the SPM"),

@@ -186,7 +186,7 @@ class StepAwarePreferenceModel(nn.Module):
             raise ValueError(f"{clip_dir}: cannot load the CLIP model ({exc})") from exc
         tokenizer = None
         for tok_dir in (path / "tokenizer", clip_dir, clip_dir / "tokenizer"):
-            if (tok_dir / "vocab.json").exists():
+            if any((tok_dir / f).exists() for f in ("vocab.json", "tokenizer.json")):
                 tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
                 break
         model = cls(clip, tokenizer)

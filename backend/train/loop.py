@@ -65,19 +65,19 @@ class StopFlag:
         return self.signalled or self.file.exists()
 
 
-def attach_lora(unet, rank: int, alpha: float, targets: list[str], seed: int) -> list[torch.nn.Parameter]:
-    """Add a trainable LoRA adapter (peft, gaussian init: B = 0, so the policy starts as the base)."""
-    from peft import LoraConfig
+def attach_trainable_lora(unet, family: str, rank: int, alpha: float, targets: list[str], seed: int) -> list:
+    """Add the LoRA to train (gaussian init: B = 0, so the policy starts as the base); fp32 parameters."""
+    from .. import lora as lora_io
 
     torch.manual_seed(seed)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian"))
+    lora_io.attach_lora(unet, family=family, rank=rank, alpha=alpha, target_modules=list(targets), init="gaussian")
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    if not params:
+        raise ValueError(f"no UNet module matched the LoRA targets {targets}")
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
-    if not params:
-        raise ValueError(f"no UNet module matched the LoRA targets {targets}")
     return params
 
 
@@ -129,12 +129,15 @@ def share_pairs(accelerator, pairs, seed: int, round_index: int, micro_batch: in
 
 
 def save_lora_files(unet, run_dir: Path, name: str, family: str, provenance: dict) -> dict[str, str]:
-    """Write the LoRA in diffusers/peft and webui/kohya formats; returns their paths."""
+    """Write the LoRA in diffusers/peft and webui/kohya formats (fp16); returns their paths."""
     from .. import lora as lora_io
 
-    out_dir = run_dir / "lora"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return lora_io.save_trained_lora(unet, out_dir, name, family, provenance)
+    weights = lora_io.extract_lora(unet, family=family)
+    out = {}
+    for fmt in lora_io.FORMATS:
+        path = run_dir / "lora" / f"{name}_{fmt}.safetensors"
+        out[fmt] = str(lora_io.save_lora(weights, path, format=fmt, provenance=provenance))
+    return out
 
 
 @torch.no_grad()
@@ -209,7 +212,7 @@ def train_spo(cfg, run_stop: StopFlag | None = None) -> dict:
     scorer = Scorer.from_path(cfg.spm, model, decode_size=cfg.decode_size)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-    params = attach_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
+    params = attach_trainable_lora(model.unet, model.family, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     prompts_all = load_prompts(cfg.prompts)
     sample_prompts = list(cfg.sample_prompts) or prompts_all[:4]
