@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,6 +14,30 @@ def tiny_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {fam: save_tiny(fam, root / fam) for fam in ("sd15", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def tiny_spm(tiny_dirs, tmp_path_factory):
+    """A randomly initialised small SPM whose tokenizer is the tiny model's."""
+    from spo_studio.backend.preference.spm import StepAwarePreferenceModel, pocket_clip_config
+    from transformers import CLIPModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny_dirs["sd15"] / "tokenizer")
+    torch.manual_seed(3)
+    clip = CLIPModel(pocket_clip_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+                                        tok.model_max_length, image_size=16))
+    spm = StepAwarePreferenceModel(clip, tok)
+    with torch.no_grad():  # give the time conditioning some effect
+        for p in spm.time.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return spm.save(tmp_path_factory.mktemp("spm") / "spm")
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red circle\na blue square\na green circle\na photo of a cat\n")
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -61,3 +61,26 @@ def test_every_field_of_shipped_configs_has_help_and_presets_load():
     root = Path(__file__).resolve().parents[1] / "configs"
     for preset in sorted(root.glob("*spm*.yaml")) + sorted(root.glob("*scorer*.yaml")):
         load_config(SPMTrainConfig, preset)
+
+
+def test_every_training_preset_loads_into_its_method_config():
+    from pathlib import Path
+
+    from spo_studio.backend.train.cli import METHODS
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    import importlib
+
+    seen = set()
+    for family in ("pocket", "sd15", "sdxl"):
+        for method, (module, cls_name, _, _) in METHODS.items():
+            cls = getattr(importlib.import_module(f"spo_studio.backend.train.{module}"), cls_name)
+            for f in dataclasses.fields(cls):
+                assert f.metadata.get("help"), f"{cls_name}.{f.name} has no help text"
+            preset = root / f"{family}_{method}.yaml"
+            assert preset.exists(), f"missing preset {preset.name}"
+            assert yaml.safe_load(preset.read_text())["method"] == method
+            cfg = load_config(cls, preset)
+            cfg.validate()
+            seen.add(preset.name)
+    assert len(seen) == 9

@@ -2,38 +2,11 @@
 
 import json
 
-import pytest
 import torch
-
 from spo_studio.backend.config import load_config
 from spo_studio.backend.runs import read_jsonl
 from spo_studio.backend.train.loop import train_spo
 from spo_studio.backend.train.spo import SPOConfig
-
-
-@pytest.fixture(scope="module")
-def tiny_spm(tiny_dirs, tmp_path_factory):
-    """A randomly initialised small SPM whose tokenizer is the tiny model's."""
-    from transformers import CLIPModel, CLIPTokenizer
-
-    from spo_studio.backend.preference.spm import StepAwarePreferenceModel, pocket_clip_config
-
-    tok = CLIPTokenizer.from_pretrained(tiny_dirs["sd15"] / "tokenizer")
-    torch.manual_seed(3)
-    clip = CLIPModel(pocket_clip_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
-                                        tok.model_max_length, image_size=16))
-    spm = StepAwarePreferenceModel(clip, tok)
-    with torch.no_grad():  # give the time conditioning some effect
-        for p in spm.time.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return spm.save(tmp_path_factory.mktemp("spm") / "spm")
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("a red circle\na blue square\na green circle\na photo of a cat\n")
-    return path
 
 
 def _cfg(tiny_dirs, tiny_spm, prompts_file, out, **over):
@@ -89,3 +62,31 @@ def test_stop_file_ends_with_a_checkpoint(tiny_dirs, tiny_spm, prompts_file, tmp
     assert result["status"] == "stopped" and result["step"] == 1
     assert list((run / "checkpoints").glob("step-00000001"))
     assert json.loads((run / "events.jsonl").read_text().splitlines()[-1])["event"] == "stopped"
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(tiny_dirs, tiny_spm, prompts_file, tmp_path):
+    """torchrun with 2 CPU processes (gloo): pairs are shared, gradients all-reduced, ranks stay equal."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = tmp_path / "ddp"
+    overrides = {"base_model": tiny_dirs["sd15"], "spm": tiny_spm, "prompts": prompts_file, "output_dir": run,
+                 "num_steps": 6, "divert_start_step": 2, "pool_size": 3, "threshold": 0.0, "prompts_per_round": 1,
+                 "train_batch_size": 2, "epochs": 1, "lr": 1e-3, "sample_prompts": "a red circle"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "spo_studio.backend.cli", "train", "--method", "spo",
+           *[f"{k}={v}" for k, v in overrides.items()]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = read_jsonl(run / "events.jsonl")
+    ranks = [e for e in events if e["event"] == "ranks"]
+    assert ranks and ranks[-1]["in_sync"] is True and ranks[-1]["processes"] == 2
+    finished = [e for e in events if e["event"] == "finished"]
+    assert finished and finished[-1]["step"] > 0
+    assert (run / "lora" / "spo_lora_webui.safetensors").exists()

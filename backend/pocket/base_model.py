@@ -63,6 +63,11 @@ class PocketModelConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     grad_clip: float = 1.0
+    # refine: a second, warm-started UNet + text-encoder phase (stage `refine`); measured here, the
+    # 2800-step phase alone leaves prompt following at ~15 % (objects smeared, backgrounds wrong)
+    refine_steps: int = 3000
+    refine_lr: float = 3e-4
+    refine_warmup: int = 100
 
 
 def make_scheduler():
@@ -156,19 +161,31 @@ def encode_dataset(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat([vae.encode(images[i : i + batch] * 2 - 1).latent_dist.mean for i in range(0, len(images), batch)])
 
 
-def train_unet(cfg: PocketModelConfig, latents: torch.Tensor, prompts: list[str], tokenizer, log_every: int = 100):
-    """Jointly train UNet and text encoder on scaled latents; returns their EMA copies."""
+def train_unet(cfg: PocketModelConfig, latents: torch.Tensor, prompts: list[str], tokenizer, log_every: int = 100,
+               init: tuple | None = None):
+    """Jointly train UNet and text encoder on scaled latents; returns their EMA copies.
+
+    With `init=(unet, text_encoder)` the refine phase runs instead: it continues from those weights for
+    `cfg.refine_steps` at `cfg.refine_lr` (its own seed, warm-up and cosine decay).
+    """
     import copy
 
-    torch.manual_seed(cfg.seed + 1)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    unet = make_unet(cfg, latents.shape[-1]).train()
-    text_encoder = make_text_encoder(cfg, tokenizer).train()
+    refine = init is not None
+    seed = cfg.seed + (2 if refine else 1)
+    steps, lr, warmup = ((cfg.refine_steps, cfg.refine_lr, cfg.refine_warmup) if refine
+                         else (cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps))
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    if refine:
+        unet, text_encoder = (m.train().requires_grad_(True) for m in init)
+    else:
+        unet = make_unet(cfg, latents.shape[-1]).train()
+        text_encoder = make_text_encoder(cfg, tokenizer).train()
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).eval().requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.unet_steps))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
     alphas = make_scheduler().alphas_cumprod
 
     ids_all = tokenizer(prompts, padding="max_length", max_length=cfg.max_tokens, truncation=True,
@@ -176,7 +193,7 @@ def train_unet(cfg: PocketModelConfig, latents: torch.Tensor, prompts: list[str]
     ids_empty = tokenizer([""], padding="max_length", max_length=cfg.max_tokens, return_tensors="pt").input_ids
     n = len(latents)
     start = time.time()
-    for step in range(cfg.unet_steps):
+    for step in range(steps):
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
         x0 = latents[idx]
         ids = ids_all[idx].clone()
@@ -196,29 +213,19 @@ def train_unet(cfg: PocketModelConfig, latents: torch.Tensor, prompts: list[str]
         sched.step()
         _ema_update(ema_unet, unet, cfg.ema_decay)
         _ema_update(ema_text, text_encoder, cfg.ema_decay)
-        if step % log_every == 0 or step == cfg.unet_steps - 1:
-            logger.info("unet step %d/%d  mse %.4f  lr %.2e  (%.0f s)", step, cfg.unet_steps, loss.item(),
+        if step % log_every == 0 or step == steps - 1:
+            logger.info("unet step %d/%d  mse %.4f  lr %.2e  (%.0f s)", step, steps, loss.item(),
                         sched.get_last_lr()[0], time.time() - start)
     return ema_unet, ema_text
 
 
-def build_base_model(cfg: PocketModelConfig, images: torch.Tensor, prompts: list[str], tokenizer, out_dir: Path) -> dict:
-    """Train VAE, then UNet + text encoder, and save a diffusers folder to `out_dir` (atomically)."""
+def _save_pipeline(vae, text_encoder, tokenizer, unet, out_dir: Path, stats: dict) -> None:
+    """Write a diffusers SD1.5-class folder to `out_dir` via a temporary folder and a rename."""
     import json
     import shutil
 
     from diffusers import StableDiffusionPipeline
 
-    t0 = time.time()
-    vae = train_vae(cfg, images)
-    raw = encode_dataset(vae, images)
-    scale = float(1.0 / raw.std())
-    vae.register_to_config(scaling_factor=scale)
-    t_vae = time.time() - t0
-    logger.info("vae done in %.0f s; latent std %.4f → scaling_factor %.4f", t_vae, raw.std().item(), scale)
-
-    unet, text_encoder = train_unet(cfg, raw * scale, prompts, tokenizer)
-    t_total = time.time() - t0
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -228,20 +235,55 @@ def build_base_model(cfg: PocketModelConfig, images: torch.Tensor, prompts: list
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp)
-    stats = {
-        "config": asdict(cfg),
-        "seconds_vae": round(t_vae, 1),
-        "seconds_total": round(t_total, 1),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "parameters": {
-            "unet": sum(p.numel() for p in unet.parameters()),
-            "vae": sum(p.numel() for p in vae.parameters()),
-            "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
-        },
-    }
     (tmp / "pocket_build.json").write_text(json.dumps(stats, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)
+
+
+def _parameters(**modules) -> dict:
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
+
+
+def build_base_model(cfg: PocketModelConfig, images: torch.Tensor, prompts: list[str], tokenizer, out_dir: Path) -> dict:
+    """Train VAE, then UNet + text encoder, and save a diffusers folder to `out_dir` (atomically)."""
+    t0 = time.time()
+    vae = train_vae(cfg, images)
+    raw = encode_dataset(vae, images)
+    scale = float(1.0 / raw.std())
+    vae.register_to_config(scaling_factor=scale)
+    t_vae = time.time() - t0
+    logger.info("vae done in %.0f s; latent std %.4f → scaling_factor %.4f", t_vae, raw.std().item(), scale)
+    unet, text_encoder = train_unet(cfg, raw * scale, prompts, tokenizer)
+    stats = {
+        "config": asdict(cfg),
+        "seconds_vae": round(t_vae, 1),
+        "seconds_total": round(time.time() - t0, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "parameters": _parameters(unet=unet, vae=vae, text_encoder=text_encoder),
+    }
+    _save_pipeline(vae, text_encoder, tokenizer, unet, out_dir, stats)
     return stats
+
+
+def refine_base_model(cfg: PocketModelConfig, images: torch.Tensor, prompts: list[str], model_dir: Path) -> dict:
+    """The refine phase: continue UNet + text encoder of the folder `model_dir` and write it back."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    model_dir = Path(model_dir)
+    t0 = time.time()
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae").eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
+    init = (UNet2DConditionModel.from_pretrained(model_dir / "unet"), CLIPTextModel.from_pretrained(model_dir / "text_encoder"))
+    latents = encode_dataset(vae, images) * vae.config.scaling_factor
+    unet, text_encoder = train_unet(cfg, latents, prompts, tokenizer, init=init)
+    stats = json.loads((model_dir / "pocket_build.json").read_text())
+    stats["config"] = asdict(cfg)
+    stats["seconds_refine"] = round(time.time() - t0, 1)
+    stats["seconds_total"] = round(stats.get("seconds_total", 0) + stats["seconds_refine"], 1)
+    _save_pipeline(vae, text_encoder, tokenizer, unet, model_dir, stats)
+    return {"seconds_refine": stats["seconds_refine"], "steps": cfg.refine_steps}

@@ -4,6 +4,7 @@
 
 Stages (each reads what the previous ones wrote):
   base    world images → VAE → UNet + text encoder → `model/` (a diffusers SD1.5-class folder)
+  refine  a second, warm-started UNet + text-encoder phase on fresh world images → `model/`
   data    pocket samples labelled by the simulated crowd → `data/pairs_{train,held_out}.parquet`
   scorer  the pocket "PickScore": a small CLIP trained on clean pairs → `scorer/`
   spm     the pocket step-aware preference model, from the scorer, on noisy x̂0 → `spm/`
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 POCKET_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = POCKET_ROOT / "model"
-STAGES = ("base", "data", "scorer", "spm", "report")
+STAGES = ("base", "refine", "data", "scorer", "spm", "report")
 
 
 def world_dataset(n: int, seed: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
@@ -62,6 +63,14 @@ def stage_base(cfg: PocketModelConfig | None = None, out_dir: Path = DEFAULT_OUT
     stats = build_base_model(cfg, images, prompts, pocket_tokenizer(cfg.max_tokens), Path(out_dir))
     logger.info("pocket base model written to %s in %.0f s", out_dir, stats["seconds_total"])
     return stats
+
+
+def stage_refine(cfg: PocketModelConfig | None = None, out_dir: Path = DEFAULT_OUT) -> dict:
+    from .base_model import refine_base_model
+
+    cfg = cfg or PocketModelConfig()
+    images, prompts = world_dataset(cfg.train_images, cfg.seed + 1, cfg.image_size)
+    return refine_base_model(cfg, images, prompts, Path(out_dir))
 
 
 def stage_data() -> dict:
@@ -115,6 +124,8 @@ def build(stages: tuple[str, ...] = STAGES, cfg: PocketModelConfig | None = None
         start = time.time()
         if name == "base":
             info = stage_base(cfg, out_dir)
+        elif name == "refine":
+            info = stage_refine(cfg, out_dir)
         elif name == "data":
             info = stage_data()
         elif name == "scorer":

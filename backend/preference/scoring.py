@@ -89,3 +89,12 @@ class Scorer:
     def score_latents(self, latents: torch.Tensor, prompts: list[str], t=None) -> torch.Tensor:
         """Scores [B] of (one-step x̂0) latents, decoded by the base model's VAE first."""
         return self.score_images(self.decode(latents), prompts, t)
+
+    @torch.no_grad()
+    def joint_embedding(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Unit vectors [B, D] of image and prompt in CLIP's shared space: normalize(ê_image + ê_text),
+        with ê the unit CLIP projections (no time conditioning). Diffusion-RPO weighs pairs by these."""
+        pixels = self.spm.preprocess(images.to(self.device))
+        img = F.normalize(self.spm.image_features(pixels.to(self.dtype), None).float(), dim=-1)
+        txt = F.normalize(self.text_features(prompts).float(), dim=-1)
+        return F.normalize(img + txt, dim=-1)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-METHODS = {"spo": ("spo", "SPOConfig", "loop", "train_spo")}
+# method → (config module, config class, method module, method class)
+METHODS = {
+    "spo": ("spo", "SPOConfig", "spo", "SPOMethod"),
+    "dpo": ("dpo", "DPOConfig", "dpo", "DPOMethod"),
+    "rpo": ("rpo", "RPOConfig", "rpo", "RPOMethod"),
+}
 
 
 def args_train(p: argparse.ArgumentParser) -> None:
@@ -41,6 +46,8 @@ def cmd_train(args) -> int:
             print(f"{key} = {getattr(defaults, key)!r}\n    {text}")
         return 0
     cfg = load_config(cls, args.config, args.overrides)
-    result = getattr(importlib.import_module(f".{loop_module}", __package__), fn)(cfg)
+    from .loop import train
+
+    result = train(cfg, getattr(importlib.import_module(f".{loop_module}", __package__), fn))
     print(json.dumps(result, indent=2))
     return 0 if result["status"] in ("finished", "stopped") else 1

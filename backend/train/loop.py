@@ -101,8 +101,6 @@ def share_pairs(accelerator, pairs, seed: int, round_index: int, micro_batch: in
     Returns (this rank's pairs, weights [n] with 0 for padding). Ranks may hold different counts:
     counts are gathered first, tensors are padded to the largest count, so no collective hangs.
     """
-    from .spo import Pairs
-
     world = accelerator.num_processes
     if world == 1:
         n = len(pairs)
@@ -112,7 +110,8 @@ def share_pairs(accelerator, pairs, seed: int, round_index: int, micro_batch: in
     from accelerate.utils import gather_object
 
     everyone = gather_object([pairs.to_state()])
-    union = Pairs.cat([Pairs.from_state(s) for s in everyone if len(s["prompts"])]) if any(
+    cls = type(pairs)
+    union = cls.cat([cls.from_state(s) for s in everyone if len(s["prompts"])]) if any(
         len(s["prompts"]) for s in everyone) else pairs
     n = len(union)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + round_index)) if n else torch.zeros(0, dtype=torch.long)
@@ -126,6 +125,22 @@ def share_pairs(accelerator, pairs, seed: int, round_index: int, micro_batch: in
         idx = torch.cat([idx, filler])
         weight = torch.cat([weight, torch.zeros(pad)])
     return union.index(idx) if n else union, weight
+
+
+def ranks_in_sync(accelerator, unet) -> bool:
+    """True when every process holds bit-identical LoRA weights (DDP must keep them so)."""
+    if accelerator.num_processes == 1:
+        return True
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(lora_state(unet).items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    return len(set(digests)) == 1
 
 
 def save_lora_files(unet, run_dir: Path, name: str, family: str, provenance: dict) -> dict[str, str]:
@@ -187,35 +202,83 @@ def load_prompts(spec: str) -> list[str]:
     return prompts
 
 
-def train_spo(cfg, run_stop: StopFlag | None = None) -> dict:
-    """Run (or resume) SPO fine-tuning; returns a summary (status, steps, LoRA paths)."""
+class Method:
+    """What a fine-tuning method plugs into the loop (see `spo.SPOMethod`, `dpo.DPOMethod`, `rpo.RPOMethod`).
+
+    A *round* produces training items (pairs) for this process: SPO rolls out the current policy,
+    Diffusion-DPO/-RPO read the next slice of offline pairs. Items are gathered across ranks and cut
+    into micro-batches; `loss` returns the method's loss for one micro-batch.
+    """
+
+    name = "method"
+    items: type  # a pairs class with __len__, index, cat, to_state, from_state
+
+    def __init__(self, cfg, model, accelerator):
+        self.cfg, self.model, self.accelerator = cfg, model, accelerator
+
+    def rounds_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def make_round(self, round_index: int, epoch: int, policy_unet) -> tuple[object, dict]:
+        raise NotImplementedError
+
+    def loss(self, unet, raw_unet, batch, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def pairs_per_round_estimate(self) -> int:
+        raise NotImplementedError
+
+    def sample_prompts(self) -> list[str]:
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str]):
+        """Text conditioning of `prompts`, cached per prompt (a prompt is encoded once per run)."""
+        from ..models import TextConditioning
+
+        cache = self.__dict__.setdefault("_cond_cache", {})
+        for p in dict.fromkeys(prompts):
+            if p not in cache:  # one at a time: a batch's composition must not change the numbers (resume)
+                cache[p] = self.model.encode_prompts([p])
+        return TextConditioning.cat([cache[p] for p in prompts])
+
+
+def reference_pass(raw_unet, fn):
+    """Run `fn()` with the LoRA adapters disabled, under no_grad: the frozen reference model."""
+    with torch.no_grad():
+        raw_unet.disable_adapters()
+        try:
+            return fn()
+        finally:
+            raw_unet.enable_adapters()
+
+
+def train(cfg, method_cls: type[Method], run_stop: StopFlag | None = None) -> dict:
+    """Run (or resume) LoRA fine-tuning with `method_cls`; returns a summary (status, steps, LoRA paths)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from ..models import load_model
-    from ..preference.scoring import Scorer
-    from .spo import Pairs, pair_log_probs, rollout, spo_loss
 
     cfg.validate()
+    name = method_cls.name
     run_dir = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     log = RunLogger(run_dir, enabled=main)
     if main:
-        save_config(cfg, run_dir / "config.yaml", method="spo")
+        save_config(cfg, run_dir / "config.yaml", method=name)
     stop = run_stop or StopFlag(run_dir)
     stop.install()
 
     weight_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     model = load_model(cfg.base_model, device=accelerator.device, dtype=weight_dtype)
-    scorer = Scorer.from_path(cfg.spm, model, decode_size=cfg.decode_size)
+    method = method_cls(cfg, model, accelerator)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     params = attach_trainable_lora(model.unet, model.family, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    prompts_all = load_prompts(cfg.prompts)
-    sample_prompts = list(cfg.sample_prompts) or prompts_all[:4]
+    sample_prompts = list(cfg.sample_prompts) or method.sample_prompts()
 
     step, round_index, micro, pending = 0, 0, 0, None
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
@@ -230,28 +293,14 @@ def train_spo(cfg, run_stop: StopFlag | None = None) -> dict:
     unet, optimizer = accelerator.prepare(model.unet, optimizer)
     raw_unet = accelerator.unwrap_model(unet)
 
-    world = accelerator.num_processes
-    per_round = cfg.prompts_per_round * world
-    rounds_per_epoch = -(-len(prompts_all) // per_round)
+    rounds_per_epoch = method.rounds_per_epoch()
     total_rounds = rounds_per_epoch * cfg.epochs
-    est_steps = total_rounds * max(1, cfg.prompts_per_round * (cfg.num_steps - cfg.divert_start_step) // 2
-                                   // (cfg.train_batch_size * cfg.grad_accum))
+    est_steps = total_rounds * max(1, method.pairs_per_round_estimate() // (cfg.train_batch_size * cfg.grad_accum))
     total = cfg.max_steps or est_steps
-    log.event("started", step=step, total=total, rounds=total_rounds)
-    bar = tqdm(total=total, initial=step, disable=not main, desc="spo", unit="step")
+    log.event("started", step=step, total=total, rounds=total_rounds, method=name)
+    bar = tqdm(total=total, initial=step, disable=not main, desc=name, unit="step")
     started = time.time()
-    cond_cache: dict[str, object] = {}
     status = "finished"
-
-    def encode(prompts: list[str]):
-        missing = [p for p in dict.fromkeys(prompts) if p not in cond_cache]
-        if missing:
-            enc = model.encode_prompts(missing)
-            for j, p in enumerate(missing):
-                cond_cache[p] = enc.index(slice(j, j + 1))
-        from ..models import TextConditioning
-
-        return TextConditioning.cat([cond_cache[p] for p in prompts])
 
     def checkpoint():
         """Save where the run stands: mid-round (the round's remaining pairs go along) or between rounds."""
@@ -273,36 +322,24 @@ def train_spo(cfg, run_stop: StopFlag | None = None) -> dict:
     try:
         while round_index < total_rounds and not out_of_budget():
             epoch = round_index // rounds_per_epoch
-            order = torch.randperm(len(prompts_all), generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch))
-            r = round_index % rounds_per_epoch
-            mine = [prompts_all[i] for i in order[r * per_round: (r + 1) * per_round].tolist()]
-            mine = mine[accelerator.process_index::world] or [prompts_all[order[0].item()]]
             if pending is None:
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_index * world + accelerator.process_index)
                 raw_unet.eval()
-                pairs, rstats = rollout(model, raw_unet, scorer, mine, cfg, gen)
-                pairs, weight = share_pairs(accelerator, pairs, cfg.seed, round_index, cfg.train_batch_size)
-                pending = {"pairs": pairs.to_state(), "weight": weight, "stats": rstats}
+                items, rstats = method.make_round(round_index, epoch, raw_unet)
+                items, weight = share_pairs(accelerator, items, cfg.seed, round_index, cfg.train_batch_size)
+                pending = {"pairs": items.to_state(), "weight": weight, "stats": rstats}
                 micro = 0
-            pairs, weight, rstats = Pairs.from_state(pending["pairs"]), pending["weight"], pending["stats"]
-            n_micro = -(-len(pairs) // cfg.train_batch_size)
+            items, weight, rstats = method.items.from_state(pending["pairs"]), pending["weight"], pending["stats"]
+            n_micro = -(-len(items) // cfg.train_batch_size)
             raw_unet.train()
             while micro < n_micro:
                 sl = slice(micro * cfg.train_batch_size, (micro + 1) * cfg.train_batch_size)
-                batch = pairs.index(range(len(pairs))[sl])
+                batch = items.index(range(len(items))[sl])
                 w = weight[sl].to(accelerator.device)
-                cond = encode(batch.prompts)
-                negative = model.encode_negative(len(batch))
+                if cfg.lr_warmup_steps:
+                    for group in optimizer.param_groups:
+                        group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps)
                 with accelerator.accumulate(unet):
-                    with accelerator.autocast():
-                        lp_w, lp_l = pair_log_probs(model, unet, batch, cond, negative, cfg)
-                        with torch.no_grad():
-                            raw_unet.disable_adapters()
-                            try:
-                                ref_w, ref_l = pair_log_probs(model, raw_unet, batch, cond, negative, cfg)
-                            finally:
-                                raw_unet.enable_adapters()
-                    loss, lstats = spo_loss(lp_w, lp_l, ref_w, ref_l, cfg.beta, cfg.clip_range, w)
+                    loss, lstats = method.loss(unet, raw_unet, batch, w)
                     accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients and cfg.grad_clip > 0:
@@ -319,13 +356,14 @@ def train_spo(cfg, run_stop: StopFlag | None = None) -> dict:
                                            "pairs_in_round": rstats["pairs"], "lr": optimizer.param_groups[0]["lr"],
                                            "grad_norm": None if grad_norm is None else float(grad_norm),
                                            "round": round_index, "epoch": epoch})
-                        bar.set_postfix(loss=f"{loss.item():.4f}", yield_=f"{rstats['pair_yield']:.2f}")
+                        bar.set_postfix(loss=f"{loss.item():.4f}")
                     if step % cfg.checkpoint_every == 0:
                         checkpoint()
                     if stop or out_of_budget():
                         raise StopRequested
             if n_micro == 0 and main:
-                log.metrics(step, {"pair_yield": rstats["pair_yield"], "round": round_index, "pairs_in_round": 0})
+                log.metrics(step, {**{k: v for k, v in rstats.items() if k != "pairs"}, "round": round_index,
+                                   "pairs_in_round": 0})
             round_index += 1
             pending, micro = None, 0
             if round_index % rounds_per_epoch == 0 and main:
@@ -341,11 +379,22 @@ def train_spo(cfg, run_stop: StopFlag | None = None) -> dict:
         stop.restore()
         bar.close()
     checkpoint()
+    in_sync = ranks_in_sync(accelerator, raw_unet)
+    if accelerator.num_processes > 1:
+        log.event("ranks", in_sync=in_sync, processes=accelerator.num_processes)
+        if not in_sync:
+            raise RuntimeError(f"{run_dir}: the LoRA weights differ between processes after training")
     files = {}
     if main:
-        provenance = {"base_model": cfg.base_model, "method": "spo", "config_hash": config_hash(cfg), "steps": str(step)}
-        files = save_lora_files(raw_unet, run_dir, "spo_lora", model.family, provenance)
+        provenance = {"base_model": cfg.base_model, "method": name, "config_hash": config_hash(cfg), "steps": str(step)}
+        files = save_lora_files(raw_unet, run_dir, f"{name}_lora", model.family, provenance)
         log.event(status, step=step, lora=files)
     log.close()
     accelerator.wait_for_everyone()
     return {"status": status, "step": step, "lora": files, "run_dir": str(run_dir)}
+
+
+def train_spo(cfg, run_stop: StopFlag | None = None) -> dict:
+    from .spo import SPOMethod
+
+    return train(cfg, SPOMethod, run_stop)

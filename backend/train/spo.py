@@ -37,19 +37,20 @@ import torch.nn.functional as F
 from .. import diffusion
 from ..config import option
 from ..models import DiffusionModel, TextConditioning
+from .common import TrainConfig
+from .loop import Method, reference_pass
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SPOConfig:
+class SPOConfig(TrainConfig):
     """SPO fine-tuning; defaults are the paper's SD1.5 settings (official `basic_config.py`)."""
 
-    base_model: str = option("pocket", "base model: 'pocket', a diffusers folder or a single .safetensors file")
+    output_dir: str = option("runs/spo", "run folder: config, metrics, checkpoints, LoRA files, samples")
     spm: str = option("pocket", "step-aware preference model: 'pocket' or an SPM folder")
     prompts: str = option("pocket", "training prompts: 'pocket' (the pocket training prompts) or a .txt "
                                     "(one per line) / .json (list of strings) file")
-    output_dir: str = option("runs/spo", "run folder: config, metrics, checkpoints, LoRA files, samples")
     num_steps: int = option(20, "DDIM sampling steps of a rollout")
     eta: float = option(1.0, "DDIM η of the rollout (1: σ_t is the DDPM posterior std)")
     cfg_scale: float = option(5.0, "classifier-free guidance scale of rollout and loss")
@@ -58,28 +59,12 @@ class SPOConfig:
     threshold: float = option(0.3, "keep a pair when p_w − p_l exceeds this (paper: 0.3 SD1.5, 0.4 SDXL)")
     beta: float = option(10.0, "β of the loss −log σ(β·(log r_w − log r_l))")
     clip_range: float = option(0.1, "ε: ratios are clamped to [1−ε, 1+ε]")
-    lora_rank: int = option(4, "LoRA rank r (paper: 4 SD1.5, 64 SDXL)")
-    lora_alpha: float = option(4.0, "LoRA alpha (paper: alpha = r)")
-    lora_targets: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA")
     lr: float = option(6e-5, "AdamW learning rate (paper: 6e-5 SD1.5, 1e-5 SDXL)")
-    weight_decay: float = option(1e-4, "AdamW weight decay")
-    grad_clip: float = option(1.0, "gradient-norm clipping, applied for real (0: off)")
     prompts_per_round: int = option(10, "prompts rolled out per process per round")
-    train_batch_size: int = option(10, "pairs per optimizer micro-step")
-    grad_accum: int = option(1, "gradient accumulation micro-steps per optimizer step")
-    epochs: int = option(10, "passes over the prompt list (paper: 10 epochs of 4k prompts)")
-    max_steps: int = option(0, "stop after this many optimizer steps (0: no limit)")
-    max_minutes: float = option(0.0, "stop after this much wall-clock time, with a final checkpoint (0: no limit)")
     decode_size: int = option(0, "decode x̂0 at this size for the SPM (0: the model's size)")
-    mixed_precision: str = option("no", "no, fp16 or bf16 (accelerate)")
-    gradient_checkpointing: bool = option(False, "trade compute for memory in the UNet")
-    checkpoint_every: int = option(50, "save a resumable checkpoint every N optimizer steps")
-    log_every: int = option(1, "log metrics every N optimizer steps")
-    sample_prompts: list[str] = option([], "prompts for the per-epoch sample images (default: the first 4 prompts)")
-    seed: int = option(0, "seed of prompt order, rollouts and LoRA init")
-    resume: bool = option(True, "resume from the latest checkpoint in output_dir if there is one")
 
     def validate(self) -> None:
+        super().validate()
         if self.pool_size < 2:
             raise ValueError(f"pool_size must be >= 2 (a pair needs two candidates); got {self.pool_size}")
         if not 0 <= self.divert_start_step < self.num_steps:
@@ -90,8 +75,6 @@ class SPOConfig:
             raise ValueError(f"clip_range must lie in (0, 1); got {self.clip_range}")
         if not 0 <= self.threshold < 1:
             raise ValueError(f"threshold must lie in [0, 1); got {self.threshold}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,3 +235,52 @@ def pair_log_probs(model: DiffusionModel, unet, batch: Pairs, cond: TextConditio
     lp_w = diffusion.transition_log_prob_tensor(batch.x_w.to(device), mean, sigma)
     lp_l = diffusion.transition_log_prob_tensor(batch.x_l.to(device), mean, sigma)
     return lp_w, lp_l
+
+
+# ----------------------------------------------------------------------------------------------
+# The method, as the loop sees it
+# ----------------------------------------------------------------------------------------------
+
+
+class SPOMethod(Method):
+    """SPO in the shared loop: a round = on-policy rollouts of `prompts_per_round` prompts per process."""
+
+    name = "spo"
+    items = Pairs
+
+    def __init__(self, cfg: SPOConfig, model: DiffusionModel, accelerator):
+        from ..preference.scoring import Scorer
+        from .loop import load_prompts
+
+        super().__init__(cfg, model, accelerator)
+        self.scorer = Scorer.from_path(cfg.spm, model, decode_size=cfg.decode_size)
+        self.prompts = load_prompts(cfg.prompts)
+        self.world = accelerator.num_processes
+        self.per_round = cfg.prompts_per_round * self.world
+
+    def rounds_per_epoch(self) -> int:
+        return -(-len(self.prompts) // self.per_round)
+
+    def pairs_per_round_estimate(self) -> int:
+        return self.cfg.prompts_per_round * (self.cfg.num_steps - self.cfg.divert_start_step) // 2
+
+    def sample_prompts(self) -> list[str]:
+        return self.prompts[:4]
+
+    def make_round(self, round_index: int, epoch: int, policy_unet) -> tuple[Pairs, dict]:
+        cfg, rank = self.cfg, self.accelerator.process_index
+        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch))
+        r = round_index % self.rounds_per_epoch()
+        mine = [self.prompts[i] for i in order[r * self.per_round: (r + 1) * self.per_round].tolist()]
+        mine = mine[rank::self.world] or [self.prompts[order[0].item()]]
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_index * self.world + rank)
+        return rollout(self.model, policy_unet, self.scorer, mine, cfg, gen)
+
+    def loss(self, unet, raw_unet, batch: Pairs, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        cond = self.encode(batch.prompts)
+        negative = self.model.encode_negative(len(batch))
+        with self.accelerator.autocast():
+            lp_w, lp_l = pair_log_probs(self.model, unet, batch, cond, negative, self.cfg)
+            ref_w, ref_l = reference_pass(raw_unet, lambda: pair_log_probs(self.model, raw_unet, batch, cond,
+                                                                          negative, self.cfg))
+        return spo_loss(lp_w, lp_l, ref_w, ref_l, self.cfg.beta, self.cfg.clip_range, weight)
