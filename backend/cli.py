@@ -4,6 +4,9 @@
     spo sample MODEL --prompt P    # sample with our DDIM-eta step core and write a PNG
     spo pocket build|sample        # the embedded tiny model
     spo lora info|convert|merge    # LoRA files in webui/kohya and diffusers form
+    spo train --config FILE        # SPO / Diffusion-DPO / Diffusion-RPO LoRA fine-tuning
+    spo eval --lora FILE --out D   # base vs LoRAs on a prompt set
+    spo demo                       # SPO vs DPO in the pocket world, evaluated, in ≤ 15 min on a CPU
 
 Each subcommand's handler is imported only when it runs, so `spo --help` stays fast.
 """
@@ -25,6 +28,8 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("eval-spm", "preference.cli:cmd_eval_spm", "SPM vs base scorer accuracy per timestep bucket"),
     ("score", "preference.cli:cmd_score", "sample a trajectory and score every step's x0 with the SPM"),
     ("train", "train.cli:cmd_train", "fine-tune a LoRA with SPO (or Diffusion-DPO / -RPO)"),
+    ("eval", "eval_cli:cmd_eval", "evaluate a base model and LoRAs: judges/scorers, report.json, a grid"),
+    ("demo", "eval_cli:cmd_demo", "SPO vs Diffusion-DPO on the pocket model at equal budget, evaluated (CPU)"),
 ]
 
 

@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 import yaml
-
 from spo_studio.backend.config import CONFIG_VERSION, help_texts, load_config, option, save_config
 from spo_studio.backend.preference.train import SPMTrainConfig
 

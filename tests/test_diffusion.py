@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
 from spo_studio.backend import diffusion as D
 from spo_studio.backend.models import load_model
 

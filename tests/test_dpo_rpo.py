@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from spo_studio.backend.config import load_config
 from spo_studio.backend.runs import read_jsonl
 from spo_studio.backend.train.dpo import DPOConfig, DPOMethod, dpo_loss

@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from spo_studio.backend.models import (
     ModelLoadError,
     detect_family,

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from spo_studio.backend.config import load_config
 from spo_studio.backend.preference.data import PickAPicStream, write_pickapic
 from spo_studio.backend.preference.loss import pair_accuracy, preference_loss

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from spo_studio.backend import diffusion as D
 from spo_studio.backend.train.spo import SPOConfig, select_pairs, spo_loss
 

@@ -17,9 +17,8 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
 from spo_studio.backend.word_tokenizer import build_word_tokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 WORDS = ["a", "red", "green", "blue", "circle", "square", "on", "background", "photo", "of", "cat"]
 

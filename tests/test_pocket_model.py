@@ -1,0 +1,52 @@
+"""The shipped pocket model: loaded by the normal loader like a real SD1.5 folder, samples quickly,
+and its samples follow prompts; `spo pocket sample` writes a PNG."""
+
+import json
+
+import numpy as np
+import pytest
+from spo_studio.backend.models import POCKET_DIR, load_model
+
+pytestmark = pytest.mark.skipif(not (POCKET_DIR / "model_index.json").exists(), reason="pocket model not built")
+
+
+def test_shipped_pocket_model_is_an_sd15_folder_and_small():
+    model = load_model("pocket", device="cpu")
+    assert model.family == "sd15" and model.default_resolution == 64
+    assert type(model.unet).__name__ == "UNet2DConditionModel" and type(model.vae).__name__ == "AutoencoderKL"
+    assert type(model.text_encoders[0]).__name__ == "CLIPTextModel"
+    size_mb = sum(f.stat().st_size for f in POCKET_DIR.rglob("*") if f.is_file()) / 2**20
+    assert size_mb < 40
+    same = load_model(str(POCKET_DIR), device="cpu")  # the same folder through the generic folder path
+    assert same.family == "sd15"
+
+
+def test_pocket_samples_follow_their_prompts():
+    from spo_studio.backend.pocket import judges
+    from spo_studio.backend.pocket.report import sample_uint8
+
+    model = load_model("pocket", device="cpu")
+    prompts = ["a red circle on a blue background", "a yellow square on a purple background",
+               "a white star on a green background", "a blue triangle on a white background"] * 2
+    images = sample_uint8(model, prompts, list(range(len(prompts))))
+    assert images[0].shape == (64, 64, 3) and images[0].dtype == np.uint8
+    verdicts = judges.alignment_batch(images, prompts)
+    bg_right = np.mean([v["bg_ok"] for v in verdicts])
+    assert bg_right >= 0.75, verdicts  # backgrounds are the easiest part of a prompt
+    assert np.std(np.stack(images).astype(float)) > 10  # not a blank image
+
+
+def test_pocket_sample_cli(tmp_path):
+    from PIL import Image
+    from spo_studio.backend.cli import main
+
+    out = tmp_path / "x.png"
+    assert main(["pocket", "sample", "a red circle on a blue background", "--out", str(out), "--steps", "8"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (256, 256)
+    assert main(["pocket", "sample", "a red dragon", "--out", str(out)]) == 2  # outside the grammar: clear error
+
+
+def test_pocket_build_record_documents_the_build():
+    record = json.loads((POCKET_DIR / "pocket_build.json").read_text())
+    assert record["seconds_total"] > 0 and record["parameters"]["unet"] > 1e6
