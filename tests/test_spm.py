@@ -134,3 +134,34 @@ def test_resumed_training_equals_uninterrupted(tiny_dirs, tmp_path):
     assert changed == 0.0
     metrics = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 12
+
+
+def test_eval_spm_and_score_commands(tiny_dirs, tiny_spm, tmp_path):
+    """`spo eval-spm` writes accuracy per timestep bucket (SPM and base scorer on the same inputs) as
+    JSON + PNG; `spo score` writes per-step scores, a plot and an x̂0 strip."""
+    import json
+
+    from PIL import Image
+
+    from spo_studio.backend.cli import main
+
+    data = tmp_path / "held_out.parquet"
+    write_pickapic(data, _pair_rows(9))
+    out = tmp_path / "eval"
+    assert main(["eval-spm", "--spm", str(tiny_spm), "--base-scorer", str(tiny_spm), "--model", str(tiny_dirs["sd15"]),
+                 "--data", str(data), "--max-pairs", "9", "--out", str(out)]) == 0
+    result = json.loads((out / "spm_eval.json").read_text())
+    assert list(result["buckets"]) == ["0", "250", "500", "750", "950"]
+    for row in result["buckets"].values():
+        assert row["spm"]["n"] == 6 == row["base"]["n"]  # 9 rows, 3 ties excluded
+        assert 0 <= row["spm"]["accuracy"] <= 1
+    assert (out / "spm_eval.png").exists()
+
+    score_dir = tmp_path / "score"
+    assert main(["score", "--model", str(tiny_dirs["sd15"]), "--spm", str(tiny_spm), "--prompt", "a red circle",
+                 "--steps", "5", "--out", str(score_dir)]) == 0
+    meta = json.loads((score_dir / "scores.json").read_text())
+    assert len(meta["scores"]) == 5 and meta["timesteps"][0] > meta["timesteps"][-1]
+    with Image.open(score_dir / "x0_strip.png") as strip:
+        assert strip.size[0] == 5 * strip.size[1]
+    assert (score_dir / "scores.png").exists()
