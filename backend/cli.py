@@ -7,6 +7,7 @@
     spo train --config FILE        # SPO / Diffusion-DPO / Diffusion-RPO LoRA fine-tuning
     spo eval --lora FILE --out D   # base vs LoRAs on a prompt set
     spo demo                       # SPO vs DPO in the pocket world, evaluated, in ≤ 15 min on a CPU
+    spo studio [--port N]          # the studio page (also `python -m webui`)
 
 Each subcommand's handler is imported only when it runs, so `spo --help` stays fast.
 """
@@ -30,6 +31,8 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("train", "train.cli:cmd_train", "fine-tune a LoRA with SPO (or Diffusion-DPO / -RPO)"),
     ("eval", "eval_cli:cmd_eval", "evaluate a base model and LoRAs: judges/scorers, report.json, a grid"),
     ("demo", "eval_cli:cmd_demo", "SPO vs Diffusion-DPO on the pocket model at equal budget, evaluated (CPU)"),
+    # the page lives beside the library (`spo_studio.webui`); gradio is imported only when it runs
+    ("studio", ".webui.cli:cmd_studio", "open the studio page: launch, watch, stop and resume jobs in a browser"),
 ]
 
 

@@ -57,6 +57,8 @@ MAX_PROMPTS = 200_000
 MAX_PROMPT_CHARS = 2000
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 UPLOAD_FIELDS = ("prompts", "train_data")  # config fields a page upload may fill
+MODEL_FIELDS = ("base_model", "spm", "embedding_model")  # 'pocket' or a local folder / file
+PATH_FIELDS = (*MODEL_FIELDS, "prompts", "train_data")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -145,9 +147,17 @@ class Job:
     def lora_files(self) -> dict[str, str]:
         return json.loads(self.lora) if self.lora else {}
 
+    def progress_text(self) -> str:
+        """"40/120 (33%)"; past the trainer's estimate of the total, only the step."""
+        if self.total and self.step <= self.total:
+            return f"{self.step}/{self.total} ({100 * self.progress:.0f}%)"
+        return str(self.step) if self.step or self.total else ""
+
     def eta_seconds(self, now: float | None = None) -> float | None:
         """Seconds left at the rate of this attempt (None before two points are known)."""
         if self.status not in ("running", "stopping") or not self.total or self.run_started is None:
+            return None
+        if self.step > self.total:  # the total was an estimate and is behind us
             return None
         done = self.step - (self.step0 or 0)
         if done <= 0:
@@ -161,8 +171,8 @@ class Job:
             pos = f" #{self.queue_position}" if self.queue_position else ""
             return f"queued{pos}" + (f": {self.message}" if self.message else "")
         parts = [self.status]
-        if self.total:
-            parts.append(f"step {self.step}/{self.total} ({100 * self.progress:.0f}%)")
+        if self.progress_text():
+            parts.append(f"step {self.progress_text()}")
         eta = self.eta_seconds()
         if eta is not None:
             parts.append(f"ETA {format_duration(eta)}")
@@ -211,7 +221,8 @@ def config_class(method: str) -> type:
 def _check_size(path: Path, limit: int) -> None:
     size = path.stat().st_size
     if size > limit:
-        raise JobError(f"{path.name}: {size / 2**20:.1f} MB is over the {limit / 2**20:.0f} MB limit for this kind of file")
+        raise JobError(f"{path.name}: {size / 2**20:.1f} MB is over the {limit / 2**20:.0f} MB limit "
+                       f"for this kind of file")
 
 
 def read_prompt_list(path: str | Path, max_bytes: int = MAX_PROMPTS_BYTES) -> list[str]:
@@ -510,8 +521,8 @@ class JobStore:
 
     def list(self, reconcile: bool = True) -> list[Job]:
         """Every job, newest first; queued jobs carry their queue position."""
-        if reconcile:
-            self.reconcile()
+        if reconcile and self.reconcile():
+            self.dispatch()  # a dead job freed its GPU: the next one may start
         with self._read() as db:
             jobs = [self._job(r) for r in db.execute("SELECT * FROM jobs ORDER BY id DESC")]
         queued = sorted((j for j in jobs if j.status == "queued"), key=lambda j: j.queue_seq or 0)
@@ -555,8 +566,13 @@ class JobStore:
     # -- writing: submit, stop, resume, delete ----------------------------------------------------------
 
     def submit(self, method: str, values: dict[str, Any] | None = None, name: str | None = None, gpus: int = 1,
-               uploads: dict[str, str | Path] | None = None, grace: float = DEFAULT_GRACE) -> Job:
-        """Validate a config (the method's dataclass; `values` may be partial), write the run folder, queue it."""
+               uploads: dict[str, str | Path] | None = None, grace: float = DEFAULT_GRACE, start: bool = True) -> Job:
+        """Validate a config (the method's dataclass; `values` may be partial), write the run folder, queue it.
+
+        `uploads` maps a field (`prompts` or `train_data`) to a file that is validated and copied into the
+        run folder. `grace`: seconds from a stop request to the kill. `start=False` only queues (the next
+        `dispatch` starts it).
+        """
         from .config import from_dict, save_config
 
         cls = config_class(method)
@@ -575,7 +591,8 @@ class JobStore:
         if not self.on_gpu and gpus > 1:
             raise JobError(f"this machine has no GPU: a job runs as one CPU process (asked for {gpus} GPUs)")
         if self.on_gpu and gpus > len(self.devices):
-            raise JobError(f"asked for {gpus} GPUs; this machine offers {len(self.devices)} ({','.join(self.devices)})")
+            raise JobError(f"asked for {gpus} GPUs; this machine offers {len(self.devices)} "
+                           f"({','.join(self.devices)})")
         # validate everything before a row or a folder exists
         for field, src in uploads.items():
             if field == "prompts":
@@ -586,15 +603,19 @@ class JobStore:
             cfg = from_dict(cls, {**values, "output_dir": "pending"}, f"{method} config")
         except ValueError as exc:
             raise JobError(str(exc)) from exc
-        for field in ("base_model", "spm"):
-            if field in field_names and field not in uploads:
-                _check_model_source(field, str(getattr(cfg, field)))
+        for field in PATH_FIELDS:  # the trainer runs in the run folder: relative paths become absolute
+            value = getattr(cfg, field, None)
+            if field in uploads or not isinstance(value, str) or value in ("", "pocket"):
+                continue
+            if field in MODEL_FIELDS:
+                _check_model_source(field, value)
+            setattr(cfg, field, str(Path(value).expanduser().resolve()))
         if "prompts" in field_names and "prompts" not in uploads and cfg.prompts != "pocket":
             read_prompt_list(cfg.prompts)
         if "train_data" in field_names and "train_data" not in uploads and cfg.train_data != "pocket":
             check_pickapic(cfg.train_data)
 
-        name = (name or "").strip() or f"{method} {Path(str(getattr(cfg, 'base_model', 'model'))).name}"
+        name = (name or "").strip() or f"{method.upper()} on {Path(str(getattr(cfg, 'base_model', 'model'))).name}"
         now = time.time()
         with self._tx() as db:
             seq = db.execute("SELECT COALESCE(MAX(queue_seq), 0) + 1 FROM jobs").fetchone()[0]
@@ -614,7 +635,8 @@ class JobStore:
                 raise
             db.execute("UPDATE jobs SET run_dir = ? WHERE id = ?", (str(run_dir), job_id))
         logger.info("queued job %d (%s, %s) in %s", job_id, method, name, run_dir)
-        self.dispatch()
+        if start:
+            self.dispatch()
         return self.get(job_id)
 
     def stop(self, job_id: int) -> Job:
@@ -862,8 +884,9 @@ def run_worker(db_path: str | Path, job_id: int) -> int:
         with contextlib.suppress(FileNotFoundError):
             (run_dir / "STOP").unlink()
     attempt_start = time.time()
-    store._update(job.id, status="running" if job.status != "stopping" else "stopping", pid=os.getpid(),
-                  heartbeat=attempt_start)
+    with store._tx() as db:  # a stop may have arrived while we started: keep `stopping` then
+        db.execute("UPDATE jobs SET status = CASE status WHEN 'starting' THEN 'running' ELSE status END, pid = ?, "
+                   "heartbeat = ? WHERE id = ?", (os.getpid(), attempt_start, job.id))
     env = dict(os.environ)
     env.setdefault("TQDM_MININTERVAL", "2")
     cmd = trainer_command(job, run_dir)
@@ -891,7 +914,7 @@ def run_worker(db_path: str | Path, job_id: int) -> int:
             waited = now - current.stop_requested
             if not (run_dir / "STOP").exists():
                 (run_dir / "STOP").write_text("stop requested\n")
-            if waited >= SIGINT_AFTER and not sent_int:
+            if waited >= min(SIGINT_AFTER, current.grace / 3) and not sent_int:
                 logger.warning("job %d: still running %.0f s after the stop flag: sending SIGINT", job.id, waited)
                 _signal_group(child.pid, signal.SIGINT)
                 sent_int = True
@@ -905,7 +928,8 @@ def run_worker(db_path: str | Path, job_id: int) -> int:
     tail.ingest(store, job.id)
 
     current = store.get(job.id)
-    ends = [e for e in tail.events if e.get("event") in ("finished", "stopped") and e.get("time", 0) >= attempt_start - 1]
+    ends = [e for e in tail.events
+            if e.get("event") in ("finished", "stopped") and e.get("time", 0) >= attempt_start - 1]
     last = ends[-1]["event"] if ends else None
     step = current.step
     if rc == 0 and last == "finished":

@@ -319,6 +319,7 @@ def train(cfg, method_cls: type[Method], run_stop: StopFlag | None = None) -> di
             return True
         return bool(cfg.max_minutes) and (time.time() - started) / 60 >= cfg.max_minutes
 
+    halt = False
     try:
         while round_index < total_rounds and not out_of_budget():
             epoch = round_index // rounds_per_epoch
@@ -360,7 +361,10 @@ def train(cfg, method_cls: type[Method], run_stop: StopFlag | None = None) -> di
                     if step % cfg.checkpoint_every == 0:
                         checkpoint()
                     if stop or out_of_budget():
-                        raise StopRequested
+                        halt = True
+                        break
+            if micro < n_micro:  # stopped mid-round: the checkpoint keeps the round's remaining pairs
+                raise StopRequested
             if n_micro == 0 and main:
                 log.metrics(step, {**{k: v for k, v in rstats.items() if k != "pairs"}, "round": round_index,
                                    "pairs_in_round": 0})
@@ -371,7 +375,7 @@ def train(cfg, method_cls: type[Method], run_stop: StopFlag | None = None) -> di
                 raw_unet.eval()
                 sample_images(model, raw_unet, sample_prompts, png)
                 log.event("sample", step=step, epoch=round_index // rounds_per_epoch, path=str(png))
-            if stop:
+            if halt or stop:  # the round (and an epoch's sample) is complete before the run stops
                 raise StopRequested
     except StopRequested:
         status = "stopped" if stop else "finished"
