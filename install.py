@@ -172,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "spo":
         return run(python, ["-m", "spo_studio.backend.cli", *args.args])
     if args.action == "studio":
-        # The studio page arrives with the web UI; until then the command line is the main entry.
         return run(python, ["-m", "spo_studio.backend.cli", "studio", *args.args])
     return 0
 

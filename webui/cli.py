@@ -35,6 +35,9 @@ def args_studio(p: argparse.ArgumentParser) -> None:
                    help="GPU ids jobs may use, e.g. 0,1 (default: all CUDA devices; 'cpu' for none)")
     p.add_argument("--inspector-device", default=None, help="device of the step inspector (default: cuda if any)")
     p.add_argument("--open", action="store_true", help="open the page in a web browser")
+    p.add_argument("--smoke", action="store_true", default=os.environ.get("SPO_STUDIO_SMOKE") == "1",
+                   help="start the page, check that it answers and that the pocket model loads, then exit "
+                        "(CI; also SPO_STUDIO_SMOKE=1)")
 
 
 def cmd_studio(args) -> int:
@@ -54,9 +57,36 @@ def cmd_studio(args) -> int:
     logger.info("runs folder %s; jobs run on %s", studio.runs_dir, ",".join(studio.store.devices))
     if args.listen and not auth:
         logger.warning("--insecure: the page is reachable from the network with no password")
+    if args.smoke:
+        return _smoke(demo, studio, host, args.port, auth, args.max_upload_mb)
     launch(demo, studio, host=host, port=args.port, auth=auth, max_upload_mb=args.max_upload_mb,
            inbrowser=args.open)
     return 0
+
+
+def _smoke(demo, studio, host, port, auth, max_upload_mb) -> int:
+    """Serve the page on a free port, fetch it and load the pocket model, then shut down."""
+    import socket
+    import urllib.request
+
+    from ..backend.models import load_model
+    from .app import launch
+
+    if port is None or port == 7860:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    launch(demo, studio, host=host, port=port, auth=auth, max_upload_mb=max_upload_mb, prevent_thread_lock=True,
+           quiet=True)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as response:
+            ok = response.status == 200 and b"SPO Studio" in response.read()
+        model = load_model("pocket", device="cpu")
+        logger.info("smoke check: page %s, pocket model %s loaded", "answers" if ok else "FAILED", model.family)
+    finally:
+        demo.close()
+    sys.stdout.write(f"spo studio --smoke: {'ok' if ok else 'the page did not answer'}\n")
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
