@@ -1,0 +1,216 @@
+"""Scoring ComfyUI's one-step predictions with a step-aware preference model (SPM).
+
+Nothing here imports ComfyUI; the ComfyUI objects (VAE, the sampled model) are used through the
+few attributes ComfyUI's own samplers use:
+
+    vae.decode(latent) -> images [B, H, W, 3] in [0, 1]       (comfy.sd.VAE)
+    base.process_latent_out(x)                                  scaled → VAE latent (÷ 0.18215 for SD1.5)
+    base.model_sampling.timestep(sigma)                         σ → the discrete timestep t (argmin over log σ)
+
+where `base` is the `BaseModel` (`model_patcher.model`, or `guider.inner_model` inside a sampler).
+The SPM scores the decoded x̂0 at the timestep of the σ it was predicted from (SPO §4.1), exactly
+as `backend.preference.evaluate.score_trajectory` does: full VAE decode, the SPM resizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+class LatentJudge:
+    """Scores x̂0 latents (ComfyUI's scaled space) against one prompt with a preference `Scorer`.
+
+    Args:
+        scorer (`backend.preference.scoring.Scorer`): the loaded SPM (the SPO_PREFERENCE value).
+        vae: a ComfyUI VAE (anything with `decode(latent) -> [B, H, W, 3]`).
+        prompt (`str`): the text the SPM judges the images against.
+        base_model (*optional*): the ComfyUI `BaseModel`; the SPO samplers bind it at sample time.
+    """
+
+    def __init__(self, scorer, vae, prompt: str, base_model=None):
+        if scorer is None:
+            raise ValueError("no preference model connected: load one with the SPO Preference Model Loader")
+        if vae is None:
+            raise ValueError("no VAE connected: the preference model scores decoded images")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the preference model needs the prompt text: fill in `spm_prompt` "
+                             "(usually the same words as the positive prompt)")
+        self.scorer = scorer
+        self.vae = vae
+        self.prompt = prompt.strip()
+        self.base = None
+        if base_model is not None:
+            self.bind(base_model)
+
+    def bind(self, base_model) -> "LatentJudge":
+        for attr in ("process_latent_out", "model_sampling"):
+            if not hasattr(base_model, attr):
+                raise TypeError(f"{type(base_model).__name__} has no `{attr}`: not a ComfyUI diffusion model")
+        self.base = base_model
+        return self
+
+    def _need_base(self):
+        if self.base is None:
+            raise RuntimeError("LatentJudge is not bound to a model; call bind(model.model) first")
+        return self.base
+
+    def timestep(self, sigma) -> int:
+        """The discrete timestep t of a noise level σ (ComfyUI's own σ → t map)."""
+        ms = self._need_base().model_sampling
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(1)
+        return int(ms.timestep(sigma.to(ms.sigmas.device if hasattr(ms, "sigmas") else "cpu")).item())
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Scaled x̂0 latents [B, C, H, W] → images [B, 3, H, W] in [0, 1] (float32, CPU)."""
+        latent = self._need_base().process_latent_out(x0)
+        images = self.vae.decode(latent)
+        return images.movedim(-1, 1).float().cpu()
+
+    @torch.no_grad()
+    def score_images(self, images: torch.Tensor, t: int) -> torch.Tensor:
+        return self.scorer.score_images(images, [self.prompt] * images.shape[0], int(t)).float().cpu()
+
+    @torch.no_grad()
+    def __call__(self, x0: torch.Tensor, sigma) -> torch.Tensor:
+        """Scores [B] of x̂0 predicted at σ: decoded, judged at t(σ); a clean image (σ = 0) at t = 0."""
+        t = 0 if float(sigma) == 0.0 else self.timestep(sigma)
+        return self.score_images(self.decode(x0), t)
+
+
+def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images [B, 3, H, W] → the same with the longer side `size` (antialiased), float32 in [0, 1]."""
+    h, w = images.shape[-2:]
+    scale = size / max(h, w)
+    if scale >= 1:
+        return images.clone()
+    out = F.interpolate(images, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
+                        align_corners=False, antialias=True)
+    return out.clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The SPO_TRACE value
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepTrace:
+    """Per-step preference scores of one sampling run (the SPO_TRACE output).
+
+    scores[i][b] is batch row b's score of the x̂0 predicted at step i (noise level sigmas[i],
+    timestep timesteps[i]); thumbnails is [steps, B, 3, h, w] in [0, 1].
+    """
+
+    prompt: str
+    seed: int
+    sampler: str
+    scheduler: str
+    cfg: float
+    sigmas: list[float] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=list)
+    scores: list[list[float]] = field(default_factory=list)
+    thumbnails: torch.Tensor | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        """JSON-able summary (no tensors): what the node shows in its UI output and /history."""
+        return {"prompt": self.prompt, "seed": self.seed, "sampler": self.sampler, "scheduler": self.scheduler,
+                "cfg": self.cfg, "sigmas": self.sigmas, "timesteps": self.timesteps, "scores": self.scores,
+                "seconds": round(self.seconds, 4)}
+
+
+@dataclass
+class StepResult:
+    step: int
+    t: int
+    scores: list[float]
+    thumbs: torch.Tensor  # [B, 3, h, w]
+
+
+class StepRecorder:
+    """The sampler callback of the Step Scorer: decodes and scores every step's x̂0.
+
+    `recorder(step, x0, x, total)` has the signature of ComfyUI's sampler callbacks. With
+    `overlap=True` the decode and the SPM run on one worker thread, in order, while the sampler
+    computes the next step (used on a CPU, where a core is otherwise idle during the UNet pass);
+    `drain()` returns results finished since the last call, `finish()` waits for all of them.
+    """
+
+    def __init__(self, judge: LatentJudge, sigmas, thumb_size: int = 64, overlap: bool = False):
+        self.judge = judge
+        self.sigmas = [float(s) for s in sigmas]
+        self.thumb_size = thumb_size
+        self.overlap = overlap
+        self._done: list[StepResult] = []
+        self._new: "queue.SimpleQueue[StepResult]" = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        if overlap:
+            self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+            self._worker = threading.Thread(target=self._run, name="spo-step-scorer", daemon=True)
+            self._worker.start()
+
+    def _score(self, step: int, x0: torch.Tensor) -> StepResult:
+        t = self.judge.timestep(self.sigmas[step])
+        images = self.judge.decode(x0)
+        scores = self.judge.score_images(images, t)
+        return StepResult(step, t, [float(s) for s in scores], thumbnails(images, self.thumb_size))
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                self._new.put(self._score(*job))
+            except BaseException as exc:  # re-raised on the sampling thread by drain()/finish()
+                self._error = exc
+
+    def __call__(self, step: int, x0: torch.Tensor, x: torch.Tensor, total: int) -> None:
+        if step >= len(self.sigmas) - 1:
+            raise IndexError(f"step {step} is outside the {len(self.sigmas) - 1}-step schedule")
+        if self.overlap:
+            self._jobs.put((step, x0.detach().clone()))
+        else:
+            self._new.put(self._score(step, x0.detach()))
+
+    def drain(self) -> list[StepResult]:
+        if self._error is not None:
+            raise self._error
+        out = []
+        while True:
+            try:
+                out.append(self._new.get_nowait())
+            except queue.Empty:
+                break
+        self._done += out
+        return out
+
+    def finish(self) -> list[StepResult]:
+        """Wait for every submitted step; returns the results not yet drained."""
+        if self.overlap:
+            self._jobs.put(None)
+            self._worker.join()
+        return self.drain()
+
+    def close(self) -> None:
+        """Stop the worker without waiting for results (after a failed or interrupted run)."""
+        if self.overlap and self._worker.is_alive():
+            self._error = self._error or RuntimeError("stopped")
+            self._jobs.put(None)
+
+    def trace(self, **meta) -> StepTrace:
+        done = sorted(self._done, key=lambda r: r.step)
+        thumbs = torch.stack([r.thumbs for r in done]) if done else None
+        return StepTrace(sigmas=[self.sigmas[r.step] for r in done], timesteps=[r.t for r in done],
+                         scores=[r.scores for r in done], thumbnails=thumbs, **meta)
