@@ -55,12 +55,17 @@ def args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget per method (default 5)")
     p.add_argument("--seeds", type=int, default=4, help="evaluation seeds per held-out prompt (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo in --out")
+    p.add_argument("--spo", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides of configs/pocket_spo.yaml for the SPO run, e.g. --spo lr=3e-4")
+    p.add_argument("--dpo", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides of configs/pocket_dpo.yaml for the Diffusion-DPO run")
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    report = run_demo(args.out, minutes=args.minutes, seeds=args.seeds, overwrite=args.overwrite)
+    report = run_demo(args.out, minutes=args.minutes, seeds=args.seeds, overwrite=args.overwrite,
+                      spo_overrides=args.spo, dpo_overrides=args.dpo)
     print(report["table"])
     print(json.dumps(report["demo"], indent=2))
     print(f"wrote {args.out}/report.json, {args.out}/grid.png, and the LoRAs under {args.out}/spo/lora, "

@@ -173,6 +173,15 @@ class SPOStepScorer(io.ComfyNode):
                              ui={"images": _preview([plot, strip], cls), "spo_trace": [trace.as_dict()]})
 
 
+def _pool_inputs(k_min: int, k_tooltip: str) -> list:
+    """k and η of a pool of candidates drawn from one shared x_t."""
+    return [
+        io.Int.Input("k", default=4, min=k_min, max=16, tooltip=k_tooltip),
+        io.Float.Input("eta", default=1.0, min=0.01, max=1.0, step=0.01,
+                       tooltip="DDIM eta of the pool's step (1 = DDPM-style, as SPO)."),
+    ]
+
+
 class SPOPoolPreview(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -185,10 +194,7 @@ class SPOPoolPreview(io.ComfyNode):
             inputs=_sampling_inputs(with_sampler=False) + [
                 io.Int.Input("pool_step", default=8, min=0, max=999,
                              tooltip="The step whose x_t the candidates share (0 = first; at most steps - 2)."),
-                io.Int.Input("k", default=4, min=2, max=16, tooltip="Candidates in the pool (SPO: 4 SD1.5, 2 SDXL)."),
-                io.Float.Input("eta", default=1.0, min=0.01, max=1.0, step=0.01,
-                               tooltip="DDIM eta of the candidate step (1 = DDPM-style, as SPO)."),
-            ] + _scoring_inputs(),
+            ] + _pool_inputs(2, "Candidates in the pool (SPO: 4 SD1.5, 2 SDXL).") + _scoring_inputs(),
             outputs=[
                 io.Image.Output(display_name="grid", tooltip="Each candidate's x̂0 with its score; the winner "
                                                              "framed green, the loser red."),
@@ -219,12 +225,8 @@ class SPOGuidedSampler(io.ComfyNode):
             category="SPO/sampling",
             description="A SAMPLER for SamplerCustom: at every step it draws k candidates (DDIM eta) and continues "
                         "from the one the step-aware preference model scores best.",
-            inputs=[
-                io.Int.Input("k", default=4, min=1, max=16,
-                             tooltip="Candidates per step; k = 1 is plain spo_ddim. Costs about k x the UNet work."),
-                io.Float.Input("eta", default=1.0, min=0.01, max=1.0, step=0.01,
-                               tooltip="DDIM eta of each step (1 = DDPM-style, as SPO)."),
-            ] + _scoring_inputs(),
+            inputs=_pool_inputs(1, "Candidates per step; k = 1 is plain spo_ddim. Costs about k x the UNet work.")
+            + _scoring_inputs(),
             outputs=[io.Sampler.Output(display_name="SAMPLER", tooltip="Connect to SamplerCustom's sampler.")],
         )
 
@@ -242,11 +244,8 @@ class SPOGuidedKSampler(io.ComfyNode):
             category="SPO/sampling",
             description="One-node guided sampling: at every step k candidates, continue from the preference "
                         "model's best (inference-time step-wise preference selection).",
-            inputs=_sampling_inputs(with_sampler=False) + [
-                io.Int.Input("k", default=4, min=1, max=16,
-                             tooltip="Candidates per step; k = 1 is plain spo_ddim. Costs about k x the UNet work."),
-                io.Float.Input("eta", default=1.0, min=0.01, max=1.0, step=0.01,
-                               tooltip="DDIM eta of each step (1 = DDPM-style, as SPO)."),
+            inputs=_sampling_inputs(with_sampler=False)
+            + _pool_inputs(1, "Candidates per step; k = 1 is plain spo_ddim. Costs about k x the UNet work.") + [
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule to run (1 = from pure noise)."),
             ] + _scoring_inputs(),
