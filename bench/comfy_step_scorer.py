@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--no-overlap", action="store_true", help="score inline instead of on a second thread")
+    parser.add_argument("--decode", choices=["full", "fast"], default="full",
+                        help="the SPM Loader's decode setting: full VAE decode, or the latent shrunk to the SPM's size")
     parser.add_argument("--prompt", default="a red circle on a blue background")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -64,6 +66,7 @@ def main() -> None:
 
     model = load_model("pocket", device="cpu")
     scorer, spm_name = pocket_scorer()
+    scorer.latent_decode = args.decode == "fast"
     patcher, vae = standalone.wrap(model)
     positive, negative = standalone.encode(patcher, args.prompt), standalone.encode(patcher, "")
     overlap = not args.no_overlap
@@ -120,7 +123,7 @@ def main() -> None:
         t_scorer.append(scorer_node(i + 1))
     result = {
         "model": "pocket", "spm": spm_name, "device": "cpu", "threads": args.threads, "steps": args.steps,
-        "overlap": overlap, "repeats": args.repeats,
+        "overlap": overlap, "decode": args.decode, "repeats": args.repeats,
         "plain_s": statistics.median(t_plain), "scorer_s": statistics.median(t_scorer),
         "plain_all_s": [round(t, 4) for t in t_plain], "scorer_all_s": [round(t, 4) for t in t_scorer],
         **{k: round(v, 2) for k, v in parts.items()},

@@ -119,13 +119,21 @@ class SPOPreferenceModelLoader(io.ComfyNode):
                                default=spm_loader.POCKET,
                                tooltip="An SPM folder (spm.json + clip/) or a PickScore/CLIP folder under "
                                        "models/spo_preference; 'pocket (shipped)' is the pocket world's SPM."),
+                io.Combo.Input("decode", options=["full", "fast"], default="full", optional=True,
+                               tooltip="How the scoring nodes decode each step's x̂0 for the SPM. full: the "
+                                       "VAE at full size (what the SPM was trained on; the backend's scores). "
+                                       "fast: the latent shrunk to the SPM's input size first, far less VAE "
+                                       "work, approximate scores."),
             ],
             outputs=[SPOPreference.Output(display_name="SPM", tooltip="The step-aware preference model.")],
         )
 
     @classmethod
-    def execute(cls, spm_name) -> io.NodeOutput:
-        return io.NodeOutput(spm_loader.load_scorer(spm_name, RUNTIME.spm_folders(), RUNTIME.device()))
+    def execute(cls, spm_name, decode="full") -> io.NodeOutput:
+        if decode not in ("full", "fast"):
+            raise ValueError(f"decode must be 'full' or 'fast'; got {decode!r}")
+        return io.NodeOutput(spm_loader.load_scorer(spm_name, RUNTIME.spm_folders(), RUNTIME.device(),
+                                                    latent_decode=decode == "fast"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,6 +71,14 @@ class LatentJudge:
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Scaled x̂0 latents [B, C, H, W] → images [B, 3, H, W] in [0, 1] (float32, CPU)."""
+        if getattr(self.scorer, "latent_decode", False):
+            from ..backend.preference.scoring import shrink_latents
+
+            ratio = getattr(self.vae, "downscale_ratio", None)
+            if not isinstance(ratio, int):
+                raise ValueError(f"the fast decode needs a VAE with an integer downscale ratio (SD1.5/SDXL); "
+                                 f"this VAE has {ratio!r}: load the preference model with decode = full")
+            x0 = shrink_latents(x0, self.scorer.spm.image_size, ratio)
         latent = self._need_base().process_latent_out(x0)
         images = self.vae.decode(latent)
         return images.movedim(-1, 1).float().cpu()

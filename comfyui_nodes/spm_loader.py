@@ -57,13 +57,14 @@ def choices(roots: list[str]) -> list[str]:
     return [POCKET] + sorted(find_models(roots))
 
 
-def load_scorer(name: str, roots: list[str], device=None):
-    """The backend `Scorer` for a listed name (the SPO_PREFERENCE value)."""
+def load_scorer(name: str, roots: list[str], device=None, latent_decode: bool = False):
+    """The backend `Scorer` for a listed name (the SPO_PREFERENCE value); `latent_decode` makes the
+    scoring nodes use the fast preview decode (x̂0 shrunk to the SPM's input size before the VAE)."""
     from ..backend.preference.scoring import Scorer
     from ..backend.preference.spm import StepAwarePreferenceModel
 
     if name == POCKET:
-        scorer = Scorer.from_path("pocket", device=device)
+        scorer = Scorer.from_path("pocket", device=device, latent_decode=latent_decode)
         logger.info("SPM Loader: the pocket SPM (judges the pocket world's 64 px images)")
         return scorer
     models = find_models(roots)
@@ -72,4 +73,4 @@ def load_scorer(name: str, roots: list[str], device=None):
         raise FileNotFoundError(f"preference model {name!r} not found in {where}; put SPM folders "
                                 f"(spm.json + clip/) or a PickScore/CLIP folder there")
     logger.info("SPM Loader: %s", models[name])
-    return Scorer(StepAwarePreferenceModel.load(models[name]), device=device)
+    return Scorer(StepAwarePreferenceModel.load(models[name]), device=device, latent_decode=latent_decode)

@@ -117,6 +117,7 @@ class VAE:
 
     def __init__(self, diffusion_model):
         self.dm = diffusion_model
+        self.downscale_ratio = diffusion_model.vae_scale_factor  # as comfy.sd.VAE
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -323,3 +323,16 @@ def test_workflows_come_in_both_formats_and_name_only_known_nodes():
     used = {n["class_type"] for name in names
             for n in json.loads((ROOT / "workflows" / f"{name}.api.json").read_text()).values()}
     assert ours <= used, ours - used
+
+
+def test_fast_decode_step_scorer_matches_backend_fast_scores(tiny, tiny_spm):
+    """SPM Loader decode = fast: the node and the backend shrink x̂0 to the SPM's size the same way."""
+    fast = Scorer.from_path(tiny_spm, tiny["model"], latent_decode=True)
+    ref = score_trajectory(tiny["model"], fast, PROMPT, seed=7, num_steps=10, cfg_scale=5.0, eta=1.0)
+    full = score_trajectory(tiny["model"], Scorer.from_path(tiny_spm, tiny["model"]), PROMPT, seed=7, num_steps=10,
+                            cfg_scale=5.0, eta=1.0)
+    _, (_, _, _, trace) = _scorer_run({**tiny, "scorer": fast})
+    ours = torch.tensor([s[0] for s in trace.scores])
+    assert torch.allclose(ours, torch.tensor(ref["scores"]), atol=1e-4, rtol=1e-4), (ours, ref["scores"])
+    assert not torch.allclose(ours, torch.tensor(full["scores"]), atol=1e-4), "fast decode should change the input"
+    assert fast.decode(torch.randn(1, 4, 16, 16)).shape[-1] <= fast.spm.image_size

@@ -165,3 +165,13 @@ def test_eval_spm_and_score_commands(tiny_dirs, tiny_spm, tmp_path):
     with Image.open(score_dir / "x0_strip.png") as strip:
         assert strip.size[0] == 5 * strip.size[1]
     assert (score_dir / "scores.png").exists()
+
+
+def test_shrink_latents_area_averages_to_the_spm_size_and_never_enlarges():
+    from spo_studio.backend.preference.scoring import shrink_latents
+
+    x = torch.arange(2 * 4 * 16 * 24, dtype=torch.float32).view(2, 4, 16, 24)
+    out = shrink_latents(x, image_size=48, vae_scale_factor=4)  # 24 latents → 12 → 48 px on the long side
+    assert out.shape == (2, 4, 8, 12)
+    assert torch.allclose(out[1, 2, 3, 5], x[1, 2, 6:8, 10:12].mean())
+    assert shrink_latents(x, image_size=224, vae_scale_factor=8) is x  # 24·8 = 192 px < 224: unchanged

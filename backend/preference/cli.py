@@ -35,6 +35,8 @@ def args_eval_spm(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="held-out Pick-a-Pic parquet (default: the pocket held-out pairs)")
     p.add_argument("--max-pairs", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latent-decode", action="store_true",
+                   help="score the fast preview decode (x̂0 latent shrunk to the SPM's input size, then decoded)")
     p.add_argument("--out", default="runs/spm_eval", help="output folder for spm_eval.json and spm_eval.png")
 
 
@@ -50,7 +52,7 @@ def cmd_eval_spm(args) -> int:
         data = HELD_OUT_PAIRS
     model = load_model(args.model)
     result = eval_spm(args.spm, args.base_scorer or POCKET_SCORER_DIR, model, data, BUCKETS, args.max_pairs,
-                      seed=args.seed)
+                      seed=args.seed, latent_decode=args.latent_decode)
     write_eval(result, Path(args.out))
     for t, row in result["buckets"].items():
         print(f"t={t:>4}  SPM {row['spm']['accuracy']:.3f} ± {row['spm']['stderr']:.3f}   "

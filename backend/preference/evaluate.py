@@ -37,13 +37,15 @@ def _accuracy(correct: list[bool]) -> dict:
 
 @torch.no_grad()
 def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS, max_pairs: int = 500,
-             batch_size: int = 32, cfg_scale: float = 5.0, seed: int = 0) -> dict:
-    spm = Scorer.from_path(spm_path, base_model)
-    base = Scorer.from_path(base_scorer_path, base_model)
+             batch_size: int = 32, cfg_scale: float = 5.0, seed: int = 0, latent_decode: bool = False) -> dict:
+    """Pairwise accuracy of the SPM (at t) and the base scorer (no t) on the same one-step x̂0 images;
+    `latent_decode`: both see the fast preview decode (`Scorer(latent_decode=True)`) instead of the full one."""
+    spm = Scorer.from_path(spm_path, base_model, latent_decode=latent_decode)
+    base = Scorer.from_path(base_scorer_path, base_model, latent_decode=latent_decode)
     pairs = [p for p, _ in zip(PickAPicStream(data_path).iter_epoch(0), range(max_pairs)) if p.label0 != p.label1]
     size = base_model.default_resolution
     result: dict = {"spm": str(spm_path), "base_scorer": str(base_scorer_path), "data": str(data_path),
-                    "cfg_scale": cfg_scale, "seed": seed, "buckets": {}}
+                    "cfg_scale": cfg_scale, "seed": seed, "latent_decode": latent_decode, "buckets": {}}
     for t_value in buckets:
         spm_correct, base_correct = [], []
         gen = torch.Generator().manual_seed(seed * 1_000_003 + t_value)
@@ -52,7 +54,8 @@ def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS,
             images = images_tensor([p.image0 for p in chunk] + [p.image1 for p in chunk], size)
             prompts = [p.caption for p in chunk] * 2
             t = torch.full((len(prompts),), t_value, dtype=torch.long)
-            x0 = one_step_x0_images(base_model, images.to(base_model.device), prompts, t, gen, cfg_scale)
+            x0 = one_step_x0_images(base_model, images.to(base_model.device), prompts, t, gen, cfg_scale,
+                                    decode=spm.decode if latent_decode else None)
             s_spm = spm.score_images(x0, prompts, t_value).chunk(2)
             s_base = base.score_images(x0, prompts, None).chunk(2)
             truth = [p.label0 > p.label1 for p in chunk]
@@ -108,7 +111,7 @@ def score_trajectory(model, scorer: Scorer, prompt: str, seed: int = 0, num_step
                             generator=torch.Generator().manual_seed(seed), unet=unet)
     x0 = torch.cat([s.x0_hat for s in traj.steps])
     ts = torch.tensor(traj.timesteps)
-    images = scorer.decode(x0) if scorer.decode_size else model.decode(x0)
+    images = scorer.decode(x0) if scorer.decode_size or scorer.latent_decode else model.decode(x0)
     scores = scorer.score_images(images, [prompt] * len(ts), ts)
     final = model.decode(traj.latents)
     return {"prompt": prompt, "seed": seed, "steps": num_steps, "cfg_scale": cfg_scale, "eta": eta,

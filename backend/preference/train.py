@@ -112,10 +112,12 @@ def images_tensor(arrays: list[np.ndarray], size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def one_step_x0_images(model, images: torch.Tensor, prompts: list[str], t: torch.Tensor, noise_gen: torch.Generator,
-                       cfg_scale: float, pair_shared_noise: bool = True, decode_size: int = 0) -> torch.Tensor:
+                       cfg_scale: float, pair_shared_noise: bool = True, decode_size: int = 0,
+                       decode=None) -> torch.Tensor:
     """Images [2B, 3, H, W] (pairs as rows i and B+i) → decoded one-step x̂0 at per-row timesteps t [2B].
 
     The two images of a pair share t and the noise ε (`pair_shared_noise`), as in the official trainer.
+    `decode` (latents → images) replaces the full VAE decode, e.g. a `Scorer.decode` with `latent_decode`.
     """
     from ..diffusion import cfg_unet
 
@@ -133,6 +135,8 @@ def one_step_x0_images(model, images: torch.Tensor, prompts: list[str], t: torch
     negative = model.encode_negative(len(prompts)) if cfg_scale != 1.0 else None
     eps_hat = cfg_unet(model.unet, z_t, t.to(z.device), cond, negative, cfg_scale)
     x0 = (z_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    if decode is not None:
+        return decode(x0)
     out = model.decode(x0)
     if decode_size:
         out = F.interpolate(out, size=(decode_size, decode_size), mode="bicubic", align_corners=False,
