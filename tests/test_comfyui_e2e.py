@@ -17,6 +17,7 @@ from fixed configs), one random LoRA in both file formats, and a tiny random SPM
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -349,6 +350,20 @@ def test_api_workflow_runs(server, name):
         images = [server.view(_images(entry, i)[0]) for i in _by_class(prompt, "SaveImage")]
         assert len(images) == 2 and images[0] == images[1], \
             "SamplerCustom + SPO Guided Sampler and SPO Guided KSampler must agree for the same seed"
+
+
+def test_fast_decode_step_scorer_runs(server):
+    """The SPM Loader's decode = fast through a real ComfyUI VAE (integer downscale ratio)."""
+    prompt = load_api_workflow("spo_score_generation")
+    loaders = _by_class(prompt, "SPOPreferenceModelLoader")
+    assert loaders
+    for node_id in loaders:
+        prompt[node_id]["inputs"]["decode"] = "fast"
+    entry = server.run_prompt(prompt)
+    for node_id in _by_class(prompt, "SPOStepScorer"):
+        trace = entry["outputs"][node_id]["spo_trace"][0]
+        assert len(trace["scores"]) == prompt[node_id]["inputs"]["steps"]
+        assert all(math.isfinite(s[0]) for s in trace["scores"])
 
 
 def test_no_lora_key_warnings(server):
