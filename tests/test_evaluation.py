@@ -99,3 +99,43 @@ def test_eval_errors(tiny_dirs, tmp_path):
     from spo_studio.backend.cli import main
 
     assert main(["eval", "--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_demo_verdict_by_hand():
+    from spo_studio.backend.demo import verdict
+
+    report = {"vs_base": {"spo": {"aesthetic": {"mean": 0.06, "stderr": 0.015}, "alignment": {"mean": -0.01}},
+                          "dpo": {"aesthetic": {"mean": 0.02, "stderr": 0.01}, "alignment": {"mean": 0.0}}}}
+    v = verdict(report)
+    assert v["spo_aesthetic_gain_in_se"] == pytest.approx(4.0) and v["spo_minus_dpo_aesthetic"] == pytest.approx(0.04)
+    assert v["passes"]
+    report["vs_base"]["spo"]["alignment"]["mean"] = -0.03  # alignment dropped more than 0.02
+    assert not verdict(report)["passes"]
+    report["vs_base"]["spo"]["alignment"]["mean"] = 0.0
+    report["vs_base"]["spo"]["aesthetic"]["mean"] = 0.04  # 2.7 standard errors only
+    assert not verdict(report)["passes"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_the_pocket_model_with_overrides(tmp_path, capsys):
+    """`spo demo` with a seconds-long budget: both methods train, the table and report.json are written."""
+    from spo_studio.backend.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--minutes", "0.02", "--seeds", "1",
+                 "--spo", "prompts_per_round=2", "train_batch_size=2", "checkpoint_every=1000",
+                 "--dpo", "pairs_per_round=8", "train_batch_size=4", "checkpoint_every=1000"]) == 0
+    printed = capsys.readouterr().out
+    assert "spo−base" in printed and "dpo−base" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["metrics"]) == {"base", "dpo", "spo"} and report["metrics"]["base"]["aesthetic"]["n"] == 22
+    assert report["demo"]["steps"]["spo"] >= 1 and report["demo"]["steps"]["dpo"] >= 1
+    assert set(report["demo"]["verdict"]) >= {"passes", "spo_aesthetic_gain_in_se"}
+    for method in ("spo", "dpo"):
+        config = (out / method / "config.yaml").read_text()
+        assert "train_batch_size: 2" in config if method == "spo" else "train_batch_size: 4" in config
+        assert (out / method / "lora" / f"{method}_lora_webui.safetensors").exists()
+    assert (out / "grid.png").exists()
+    assert main(["demo", "--out", str(out), "--minutes", "0.02"]) != 0  # never overwrites silently
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "report.json").exists()
