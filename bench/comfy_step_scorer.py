@@ -11,7 +11,8 @@ pocket model cannot be loaded by ComfyUI itself — its VAE and text encoder are
            by the SPM at its timestep, the score plot and the x̂0 strip rendered.
 
 The scorer's decode + SPM work runs on a second thread on a CPU (`overlap`), pipelined with the
-next step's UNet pass; `--no-overlap` measures it inline. Runs alternate (plain, scorer, plain, …)
+next steps' UNet passes, `--chunk` steps per batch; `--no-overlap` measures it inline.
+Runs alternate (plain, scorer, plain, …)
 and the medians are compared, so a background load hits both alike. Prints the per-step costs of
 the parts, the medians and the ratio scorer / plain (goal ≤ 1.15).
 """
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--no-overlap", action="store_true", help="score inline instead of on a second thread")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="steps the scoring thread batches (default: the node's SCORE_CHUNK)")
     parser.add_argument("--decode", choices=["full", "fast"], default="full",
                         help="the SPM Loader's decode setting: full VAE decode, or the latent shrunk to the SPM's size")
     parser.add_argument("--prompt", default="a red circle on a blue background")
@@ -70,6 +73,8 @@ def main() -> None:
     patcher, vae = standalone.wrap(model)
     positive, negative = standalone.encode(patcher, args.prompt), standalone.encode(patcher, "")
     overlap = not args.no_overlap
+    if args.chunk is not None:
+        run.SCORE_CHUNK = args.chunk
 
     def plain(seed: int) -> float:
         rt = standalone.StandaloneRuntime()
@@ -123,7 +128,7 @@ def main() -> None:
         t_scorer.append(scorer_node(i + 1))
     result = {
         "model": "pocket", "spm": spm_name, "device": "cpu", "threads": args.threads, "steps": args.steps,
-        "overlap": overlap, "decode": args.decode, "repeats": args.repeats,
+        "overlap": overlap, "chunk": run.SCORE_CHUNK if overlap else 1, "decode": args.decode, "repeats": args.repeats,
         "plain_s": statistics.median(t_plain), "scorer_s": statistics.median(t_scorer),
         "plain_all_s": [round(t, 4) for t in t_plain], "scorer_all_s": [round(t, 4) for t in t_scorer],
         **{k: round(v, 2) for k, v in parts.items()},

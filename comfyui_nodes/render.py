@@ -17,8 +17,8 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def to_image_tensor(picture: Image.Image) -> torch.Tensor:
-    array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array)[None]
+    array = np.asarray(picture.convert("RGB"))  # uint8 [H, W, 3]; converted by torch (≈ 5× numpy's float cast)
+    return torch.from_numpy(array.copy()).float().div_(255.0)[None]
 
 
 def _pil(image: torch.Tensor) -> Image.Image:
@@ -33,7 +33,13 @@ def _font():
 
 def score_plot(timesteps: list[int], scores: list[list[float]], title: str = "", width: int = 640,
                height: int = 360) -> torch.Tensor:
-    """Preference score of every step's x̂0 (one line per batch row); x axis: step, labelled with t.
+    """Preference score of every step's x̂0 (one line per batch row); x axis: step, labelled with t."""
+    return to_image_tensor(score_plot_picture(timesteps, scores, title, width, height))
+
+
+def score_plot_picture(timesteps: list[int], scores: list[list[float]], title: str = "", width: int = 640,
+                       height: int = 360) -> Image.Image:
+    """`score_plot` as a PIL image (what the live preview sends).
 
     Drawn with PIL (a few ms; matplotlib would cost about as much as a few UNet passes of a small
     model, and the Step Scorer's overhead budget is tight).
@@ -76,7 +82,7 @@ def score_plot(timesteps: list[int], scores: list[list[float]], title: str = "",
             for x, y in points:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         draw.text((x1 - 190, 8), "x: step (t of x0-hat)  y: SPM score", fill=(90, 90, 90), font=font)
-    return to_image_tensor(picture)
+    return picture
 
 
 def x0_strip(thumbs: torch.Tensor, timesteps: list[int], scores: list[list[float]],

@@ -53,6 +53,7 @@ def _out_latent(latent: dict, samples: torch.Tensor) -> dict:
 
 
 PREVIEW_INTERVAL_S = 0.25  # the Step Scorer's live score-curve preview: at most 4 redraws per second
+SCORE_CHUNK = 4  # steps the scoring thread decodes and scores as one batch (bench/RESULTS.md: 1.18x -> 1.09x)
 
 
 def run_step_scorer(runtime, model, positive, negative, latent: dict, vae, spm, prompt: str, seed: int, steps: int,
@@ -61,13 +62,13 @@ def run_step_scorer(runtime, model, positive, negative, latent: dict, vae, spm, 
     """Sample like KSampler and score every step's x̂0 with the SPM at that step's timestep.
 
     Returns (LATENT, score plot IMAGE, x̂0 strip IMAGE, StepTrace). Live: a progress bar over the
-    scored steps (with the latest x̂0 as its preview) and one `spo.step` message per step.
+    scored steps (with the score curve so far as its preview) and one `spo.step` message per step.
     """
     prep = _prepare(runtime, model, latent, seed, steps, scheduler, denoise)
     judge = LatentJudge(spm, vae, prompt, base_model=runtime.base_model(model))
     total = len(prep.sigmas) - 1
     overlap = runtime.scoring_overlaps() if overlap is None else overlap
-    recorder = StepRecorder(judge, prep.sigmas, overlap=overlap)
+    recorder = StepRecorder(judge, prep.sigmas, overlap=overlap, chunk=SCORE_CHUNK if overlap else 1)
     bar = runtime.progress(total, node_id)
 
     seen: list[StepResult] = []
@@ -75,20 +76,21 @@ def run_step_scorer(runtime, model, positive, negative, latent: dict, vae, spm, 
     last_preview = [float("-inf")]
 
     def report(results: list[StepResult]) -> None:
-        for r in results:
+        for i, r in enumerate(results):
             seen.append(r)
             runtime.send("spo.step", {"node": node_id, "step": r.step, "steps": total, "t": r.t, "scores": r.scores})
-        if not results:
-            return
-        # the node's live preview: the score curve so far (no front-end extension needed); drawing it
-        # costs ~3 ms, so it is redrawn at most every PREVIEW_INTERVAL_S and at the last step
-        now = time.perf_counter()
-        if now - last_preview[0] >= PREVIEW_INTERVAL_S or len(seen) == total:
-            last_preview[0] = now
-            curve = render.score_plot([s.t for s in seen], [s.scores for s in seen], width=320, height=180)
-            bar.update_absolute(len(seen), total, ("JPEG", render._pil(curve[0].permute(2, 0, 1)), 320))
-        else:
-            bar.update_absolute(len(seen), total)
+            if len(seen) == total:  # the final plot is the last preview
+                continue
+            # the node's live preview: the score curve so far (no front-end extension needed); drawing it
+            # costs ~2 ms, so it is redrawn at most every PREVIEW_INTERVAL_S
+            now = time.perf_counter()
+            if i == len(results) - 1 and now - last_preview[0] >= PREVIEW_INTERVAL_S:
+                last_preview[0] = now
+                curve = render.score_plot_picture([s.t for s in seen], [s.scores for s in seen], width=320,
+                                                  height=180)
+                bar.update_absolute(len(seen), total, ("JPEG", curve, 320))
+            else:
+                bar.update_absolute(len(seen), total)
 
     def callback(step, x0, x, total_steps):
         recorder(step, x0, x, total_steps)
@@ -107,7 +109,9 @@ def run_step_scorer(runtime, model, positive, negative, latent: dict, vae, spm, 
     if len(trace.scores) != total:
         raise RuntimeError(f"the {sampler_name!r} sampler reported {len(trace.scores)} of {total} steps; "
                            f"it cannot be scored step by step")
-    plot = render.score_plot(trace.timesteps, trace.scores, title=judge.prompt)
+    picture = render.score_plot_picture(trace.timesteps, trace.scores, title=judge.prompt)
+    bar.update_absolute(total, total, ("JPEG", picture, 320))
+    plot = render.to_image_tensor(picture)
     strip = render.x0_strip(trace.thumbnails, trace.timesteps, trace.scores)
     return _out_latent(latent, samples), plot, strip, trace
 

@@ -84,8 +84,10 @@ class LatentJudge:
         return images.movedim(-1, 1).float().cpu()
 
     @torch.no_grad()
-    def score_images(self, images: torch.Tensor, t: int) -> torch.Tensor:
-        return self.scorer.score_images(images, [self.prompt] * images.shape[0], int(t)).float().cpu()
+    def score_images(self, images: torch.Tensor, t) -> torch.Tensor:
+        """Scores [B] of images [B, 3, H, W] judged at timestep t (an int, or one per row as a [B] tensor)."""
+        t = t if isinstance(t, torch.Tensor) else int(t)
+        return self.scorer.score_images(images, [self.prompt] * images.shape[0], t).float().cpu()
 
     @torch.no_grad()
     def __call__(self, x0: torch.Tensor, sigma) -> torch.Tensor:
@@ -149,15 +151,21 @@ class StepRecorder:
 
     `recorder(step, x0, x, total)` has the signature of ComfyUI's sampler callbacks. With
     `overlap=True` the decode and the SPM run on one worker thread, in order, while the sampler
-    computes the next step (used on a CPU, where a core is otherwise idle during the UNet pass);
-    `drain()` returns results finished since the last call, `finish()` waits for all of them.
+    computes the next steps (used on a CPU, where a core is otherwise idle during the UNet pass);
+    the worker takes the steps `chunk` at a time and scores them as one batch (one VAE decode and
+    one SPM pass, each x̂0 at its own timestep), which costs less Python time per step and so
+    competes less with the sampling thread. `drain()` returns results finished since the last
+    call, `finish()` waits for all of them.
     """
 
-    def __init__(self, judge: LatentJudge, sigmas, thumb_size: int = 64, overlap: bool = False):
+    def __init__(self, judge: LatentJudge, sigmas, thumb_size: int = 64, overlap: bool = False, chunk: int = 1):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.judge = judge
         self.sigmas = [float(s) for s in sigmas]
         self.thumb_size = thumb_size
         self.overlap = overlap
+        self.chunk = chunk
         self._done: list[StepResult] = []
         self._new: "queue.SimpleQueue[StepResult]" = queue.SimpleQueue()
         self._error: BaseException | None = None
@@ -166,23 +174,38 @@ class StepRecorder:
             self._worker = threading.Thread(target=self._run, name="spo-step-scorer", daemon=True)
             self._worker.start()
 
-    def _score(self, step: int, x0: torch.Tensor) -> StepResult:
-        t = self.judge.timestep(self.sigmas[step])
-        images = self.judge.decode(x0)
-        scores = self.judge.score_images(images, t)
-        return StepResult(step, t, [float(s) for s in scores], thumbnails(images, self.thumb_size))
+    def _score(self, jobs: list[tuple[int, torch.Tensor]]) -> list[StepResult]:
+        """Scores the x̂0 of several steps in one batch; each row judged at its own step's t."""
+        ts = [self.judge.timestep(self.sigmas[step]) for step, _ in jobs]
+        sizes = [x0.shape[0] for _, x0 in jobs]
+        images = self.judge.decode(torch.cat([x0 for _, x0 in jobs]))
+        t_rows = torch.tensor([t for t, n in zip(ts, sizes) for _ in range(n)], dtype=torch.long)
+        scores = self.judge.score_images(images, t_rows)
+        thumbs = thumbnails(images, self.thumb_size)
+        out, start = [], 0
+        for (step, _), t, n in zip(jobs, ts, sizes):
+            out.append(StepResult(step, t, [float(s) for s in scores[start:start + n]], thumbs[start:start + n]))
+            start += n
+        return out
 
     def _run(self) -> None:
+        pending: list = []
         while True:
             job = self._jobs.get()
+            if job is not None:
+                pending.append(job)
+                # the last `chunk` steps one at a time, so that little is left to score after the sampler ends
+                if len(pending) < self.chunk and job[0] < len(self.sigmas) - 1 - self.chunk:
+                    continue
+            if pending and self._error is None:
+                try:
+                    for result in self._score(pending):
+                        self._new.put(result)
+                except BaseException as exc:  # re-raised on the sampling thread by drain()/finish()
+                    self._error = exc
+            pending = []
             if job is None:
                 return
-            if self._error is not None:
-                continue
-            try:
-                self._new.put(self._score(*job))
-            except BaseException as exc:  # re-raised on the sampling thread by drain()/finish()
-                self._error = exc
 
     def __call__(self, step: int, x0: torch.Tensor, x: torch.Tensor, total: int) -> None:
         if step >= len(self.sigmas) - 1:
@@ -190,7 +213,8 @@ class StepRecorder:
         if self.overlap:
             self._jobs.put((step, x0.detach().clone()))
         else:
-            self._new.put(self._score(step, x0.detach()))
+            for result in self._score([(step, x0.detach())]):
+                self._new.put(result)
 
     def drain(self) -> list[StepResult]:
         if self._error is not None:

@@ -71,6 +71,38 @@ def test_step_scorer_matches_backend_trajectory_scores(tiny, overlap):
     assert json.loads(json.dumps(trace.as_dict()))["scores"] == trace.scores
 
 
+def test_chunked_scoring_thread_scores_each_step_at_its_own_timestep(tiny):
+    """The scoring thread batches steps (`chunk`); every row must still be judged at its own t."""
+    from spo_studio.comfyui_nodes.scoring import LatentJudge, StepRecorder
+
+    judge = LatentJudge(tiny["scorer"], tiny["vae"], PROMPT, base_model=tiny["patcher"].model)
+    sigmas = tiny["patcher"].model.model_sampling.sigmas.flip(0)[::100].tolist() + [0.0]  # 10 steps
+    x0s = torch.randn(len(sigmas) - 1, 2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def results(overlap, chunk):
+        rec = StepRecorder(judge, sigmas, overlap=overlap, chunk=chunk)
+        got = []
+        for step, x0 in enumerate(x0s):
+            rec(step, x0, x0, len(sigmas) - 1)
+            got += rec.drain()
+        got += rec.finish()
+        return got
+
+    inline = results(False, 1)
+    assert [r.step for r in inline] == list(range(10)) and len({r.t for r in inline}) == 10
+    for chunk in (3, 4):
+        batched = results(True, chunk)
+        assert [r.step for r in batched] == list(range(10)) and [r.t for r in batched] == [r.t for r in inline]
+        for a, b in zip(inline, batched):
+            assert torch.allclose(torch.tensor(a.scores), torch.tensor(b.scores), atol=1e-5)
+            assert torch.allclose(a.thumbs, b.thumbs, atol=1e-5)
+    # one t for all rows would change the scores: the per-row t matters
+    one_t = judge.score_images(judge.decode(x0s[:2].flatten(0, 1)), inline[0].t)
+    assert not torch.allclose(one_t[2:], torch.tensor(inline[1].scores), atol=1e-4)
+    with pytest.raises(ValueError, match="chunk"):
+        StepRecorder(judge, sigmas, chunk=0)
+
+
 def test_step_scorer_final_latent_is_the_trajectory_up_to_the_last_step(tiny):
     """ComfyUI ends at σ = 0 (x = x̂0), diffusers' DDIM at ᾱ_0: the last step differs by design only."""
     gen = torch.Generator().manual_seed(3)
