@@ -90,3 +90,16 @@ def test_two_process_gloo_run_keeps_ranks_identical(tiny_dirs, tiny_spm, prompts
     finished = [e for e in events if e["event"] == "finished"]
     assert finished and finished[-1]["step"] > 0
     assert (run / "lora" / "spo_lora_webui.safetensors").exists()
+
+
+def test_fast_decode_option_scores_the_pool_from_shrunk_latents(tiny_dirs, tiny_spm, prompts_file, tmp_path):
+    """`fast_decode=true` reaches the trainer's scorer: same rollout noise, other pool scores."""
+    runs = {}
+    for fast in (False, True):
+        out = tmp_path / f"run_{fast}"
+        result = train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, out, epochs=1, fast_decode=str(fast).lower()))
+        assert result["status"] == "finished"
+        assert f"fast_decode: {str(fast).lower()}" in (out / "config.yaml").read_text()
+        runs[fast] = [m["score_mean"] for m in read_jsonl(out / "metrics.jsonl") if "score_mean" in m]
+    assert runs[False] and len(runs[False]) == len(runs[True])
+    assert runs[False][0] != runs[True][0]

@@ -62,6 +62,9 @@ class SPOConfig(TrainConfig):
     lr: float = option(6e-5, "AdamW learning rate (paper: 6e-5 SD1.5, 1e-5 SDXL)")
     prompts_per_round: int = option(10, "prompts rolled out per process per round")
     decode_size: int = option(0, "decode x̂0 at this size for the SPM (0: the model's size)")
+    fast_decode: bool = option(False, "score the pool from x̂0 latents shrunk to the SPM's input size before the "
+                                      "VAE (about 3x less decode work on the pocket model, 5x for SD1.5 + "
+                                      "PickScore; the official code decodes at full size)")
 
     def validate(self) -> None:
         super().validate()
@@ -253,7 +256,7 @@ class SPOMethod(Method):
         from .loop import load_prompts
 
         super().__init__(cfg, model, accelerator)
-        self.scorer = Scorer.from_path(cfg.spm, model, decode_size=cfg.decode_size)
+        self.scorer = Scorer.from_path(cfg.spm, model, decode_size=cfg.decode_size, latent_decode=cfg.fast_decode)
         self.prompts = load_prompts(cfg.prompts)
         self.world = accelerator.num_processes
         self.per_round = cfg.prompts_per_round * self.world
