@@ -40,13 +40,19 @@ def test_clamp_bounds_and_zero_gradient_outside():
     ll = torch.tensor([-0.5], requires_grad=True)
     loss, stats = spo_loss(lw, ll, torch.zeros(1), torch.zeros(1), beta=10.0, clip_range=0.1)
     assert stats["ratio_w"] == pytest.approx(1.1) and stats["ratio_l"] == pytest.approx(0.9)
+    assert stats["clamped"] == 1.0
     z = 10 * (math.log(1.1) - math.log(0.9))
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-z)), abs=1e-6)
     loss.backward()
     assert lw.grad.item() == 0.0 and ll.grad.item() == 0.0  # no gradient once the ratio left [1-ε, 1+ε]
     # inside the bounds the gradient flows: d/dlw of −log σ(β(lw−ll)) at 0 = −β/2
     lw2 = torch.tensor([0.0], requires_grad=True)
-    loss2, _ = spo_loss(lw2, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=10.0, clip_range=0.1)
+    loss2, stats2 = spo_loss(lw2, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=10.0, clip_range=0.1)
+    assert stats2["clamped"] == 0.0
+    # one pair of three outside the bounds (only r_l), one padding pair outside too: 1/3 of the real pairs
+    _, stats3 = spo_loss(torch.tensor([0.0, 0.05, 0.0, 0.5]), torch.tensor([0.0, -0.2, 0.01, 0.0]), torch.zeros(4),
+                         torch.zeros(4), beta=10.0, clip_range=0.1, weight=torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    assert stats3["clamped"] == pytest.approx(1 / 3)
     loss2.backward()
     assert lw2.grad.item() == pytest.approx(-5.0)
     assert loss2.item() == pytest.approx(math.log(2))

@@ -13,7 +13,7 @@ from ..backend.jobs import ACTIVE, RESUMABLE, Job, JobError, format_duration
 PLOTS = (  # (title, metric keys): whatever a method logs of these shows up
     ("Loss", ("loss",)),
     ("Ratios / implicit accuracy", ("ratio_w", "ratio_l", "implicit_acc")),
-    ("Pair yield", ("pair_yield",)),
+    ("Pair yield / clamped share", ("pair_yield", "clamped")),
     ("Preference scores", ("score_mean", "score_std")),
 )
 MAX_POINTS = 1500  # per curve; longer runs are thinned evenly

@@ -93,13 +93,17 @@ def spo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_logp_w: torch.Tenso
     `weight` [N] (0 or 1) masks padding pairs without changing the graph (multi-process balance).
     """
     lo, hi = math.log(1 - clip_range), math.log(1 + clip_range)
-    log_r_w = (logp_w - ref_logp_w).clamp(lo, hi)
-    log_r_l = (logp_l - ref_logp_l).clamp(lo, hi)
+    raw_w, raw_l = logp_w - ref_logp_w, logp_l - ref_logp_l
+    log_r_w, log_r_l = raw_w.clamp(lo, hi), raw_l.clamp(lo, hi)
     per_pair = -F.logsigmoid(beta * (log_r_w - log_r_l))
     if weight is None:
         weight = torch.ones_like(per_pair)
-    loss = (per_pair * weight).sum() / weight.sum().clamp(min=1)
-    stats = {"ratio_w": log_r_w.detach().exp().mean().item(), "ratio_l": log_r_l.detach().exp().mean().item()}
+    total = weight.sum().clamp(min=1)
+    loss = (per_pair * weight).sum() / total
+    # share of pairs whose r_w or r_l left [1−ε, 1+ε] (no gradient through them): how much the trust region binds
+    outside = ((raw_w != log_r_w) | (raw_l != log_r_l)).detach().float()
+    stats = {"ratio_w": log_r_w.detach().exp().mean().item(), "ratio_l": log_r_l.detach().exp().mean().item(),
+             "clamped": ((outside * weight.detach()).sum() / total).item()}
     return loss, stats
 
 
