@@ -103,3 +103,22 @@ def test_fast_decode_option_scores_the_pool_from_shrunk_latents(tiny_dirs, tiny_
         runs[fast] = [m["score_mean"] for m in read_jsonl(out / "metrics.jsonl") if "score_mean" in m]
     assert runs[False] and len(runs[False]) == len(runs[True])
     assert runs[False][0] != runs[True][0]
+
+
+def test_gradient_clipping_really_clips(tiny_dirs, tiny_spm, prompts_file, tmp_path, monkeypatch):
+    """The official code's clip is a no-op (exhausted iterator); ours must bound what AdamW sees."""
+    seen: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad.norm() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            seen.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "run"
+    assert train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, out, epochs=1, grad_clip=1e-4))["status"] == "finished"
+    logged = [m["grad_norm"] for m in read_jsonl(out / "metrics.jsonl") if m.get("grad_norm") is not None]
+    assert seen and logged and max(logged) > 1e-4, "the unclipped norms must exceed the bound for the test to mean anything"
+    assert max(seen) <= 1e-4 * (1 + 1e-3)
