@@ -73,8 +73,7 @@ def main() -> None:
     patcher, vae = standalone.wrap(model)
     positive, negative = standalone.encode(patcher, args.prompt), standalone.encode(patcher, "")
     overlap = not args.no_overlap
-    if args.chunk is not None:
-        run.SCORE_CHUNK = args.chunk
+    chunk = run.SCORE_CHUNK if args.chunk is None else args.chunk
 
     def plain(seed: int) -> float:
         rt = standalone.StandaloneRuntime()
@@ -89,7 +88,7 @@ def main() -> None:
         rt = standalone.StandaloneRuntime(overlap=overlap)
         start = time.perf_counter()
         run.run_step_scorer(rt, patcher, positive, negative, standalone.empty_latent(patcher), vae, scorer,
-                            args.prompt, seed, args.steps, 5.0, "spo_ddim", "ddim_uniform")
+                            args.prompt, seed, args.steps, 5.0, "spo_ddim", "ddim_uniform", chunk=chunk)
         return time.perf_counter() - start
 
     # the parts, per step
@@ -113,7 +112,8 @@ def main() -> None:
         "unet_cfg_ms": per_call(lambda: patcher.model.cfg_denoise(x, sigma, positive, negative, 5.0)) * 1e3,
         "vae_decode_ms": per_call(lambda: judge.decode(x)) * 1e3,
         "spm_ms": per_call(lambda: judge.score_images(judge.decode(x), 500)) * 1e3 - 0.0,
-        "plot_and_strip_ms": per_call(lambda: (render.score_plot(list(range(args.steps)), [[0.1]] * args.steps),
+        "plot_and_strip_ms": per_call(lambda: (render.to_image_tensor(render.score_plot_picture(
+                                                   list(range(args.steps)), [[0.1]] * args.steps)),
                                                render.x0_strip(torch.rand(args.steps, 1, 3, 64, 64),
                                                                list(range(args.steps)),
                                                                [[0.1]] * args.steps)), 5) * 1e3,
@@ -128,7 +128,7 @@ def main() -> None:
         t_scorer.append(scorer_node(i + 1))
     result = {
         "model": "pocket", "spm": spm_name, "device": "cpu", "threads": args.threads, "steps": args.steps,
-        "overlap": overlap, "chunk": run.SCORE_CHUNK if overlap else 1, "decode": args.decode, "repeats": args.repeats,
+        "overlap": overlap, "chunk": chunk if overlap else 1, "decode": args.decode, "repeats": args.repeats,
         "plain_s": statistics.median(t_plain), "scorer_s": statistics.median(t_scorer),
         "plain_all_s": [round(t, 4) for t in t_plain], "scorer_all_s": [round(t, 4) for t in t_scorer],
         **{k: round(v, 2) for k, v in parts.items()},

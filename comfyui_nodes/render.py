@@ -1,6 +1,7 @@
 """Pictures the SPO nodes output: the score-vs-step plot, the x̂0 strip and the pool grid.
 
-Every function returns a ComfyUI IMAGE: a float tensor [1, H, W, 3] in [0, 1].
+Every function returns a ComfyUI IMAGE: a float tensor [1, H, W, 3] in [0, 1] — except the score
+plot, which stays a PIL image (the live preview sends it as is; `to_image_tensor` makes the IMAGE).
 """
 
 from __future__ import annotations
@@ -31,15 +32,9 @@ def _font():
     return ImageFont.load_default()
 
 
-def score_plot(timesteps: list[int], scores: list[list[float]], title: str = "", width: int = 640,
-               height: int = 360) -> torch.Tensor:
-    """Preference score of every step's x̂0 (one line per batch row); x axis: step, labelled with t."""
-    return to_image_tensor(score_plot_picture(timesteps, scores, title, width, height))
-
-
 def score_plot_picture(timesteps: list[int], scores: list[list[float]], title: str = "", width: int = 640,
                        height: int = 360) -> Image.Image:
-    """`score_plot` as a PIL image (what the live preview sends).
+    """Preference score of every step's x̂0 (one line per batch row); x axis: step, labelled with t.
 
     Drawn with PIL (a few ms; matplotlib would cost about as much as a few UNet passes of a small
     model, and the Step Scorer's overhead budget is tight).

@@ -58,7 +58,7 @@ SCORE_CHUNK = 4  # steps the scoring thread decodes and scores as one batch (ben
 
 def run_step_scorer(runtime, model, positive, negative, latent: dict, vae, spm, prompt: str, seed: int, steps: int,
                     cfg: float, sampler_name: str, scheduler: str, denoise: float = 1.0, node_id=None,
-                    overlap: bool | None = None):
+                    overlap: bool | None = None, chunk: int = SCORE_CHUNK):
     """Sample like KSampler and score every step's x̂0 with the SPM at that step's timestep.
 
     Returns (LATENT, score plot IMAGE, x̂0 strip IMAGE, StepTrace). Live: a progress bar over the
@@ -68,7 +68,7 @@ def run_step_scorer(runtime, model, positive, negative, latent: dict, vae, spm, 
     judge = LatentJudge(spm, vae, prompt, base_model=runtime.base_model(model))
     total = len(prep.sigmas) - 1
     overlap = runtime.scoring_overlaps() if overlap is None else overlap
-    recorder = StepRecorder(judge, prep.sigmas, overlap=overlap, chunk=SCORE_CHUNK if overlap else 1)
+    recorder = StepRecorder(judge, prep.sigmas, overlap=overlap, chunk=chunk)
     bar = runtime.progress(total, node_id)
 
     seen: list[StepResult] = []
