@@ -109,7 +109,7 @@ def test_step_scorer_final_latent_is_the_trajectory_up_to_the_last_step(tiny):
     traj = diffusion.sample(tiny["model"], [PROMPT], num_steps=6, cfg_scale=5.0, eta=1.0, generator=gen)
     _, (latent, *_ ) = _scorer_run(tiny, seed=3, steps=6)
     x0_last = traj.steps[-1].x0_hat / tiny["model"].latent_scale
-    assert torch.allclose(latent["samples"], x0_last, atol=1e-4)
+    assert torch.allclose(latent["samples"], x0_last, rtol=1e-4, atol=1e-4)  # |x| reaches 60: float32 rounding
 
 
 def test_sigma_timestep_and_latent_space_conversions(tiny):

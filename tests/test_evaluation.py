@@ -123,7 +123,7 @@ def test_demo_end_to_end_on_the_pocket_model_with_overrides(tmp_path, capsys):
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--minutes", "0.02", "--seeds", "1",
-                 "--spo", "prompts_per_round=2", "train_batch_size=2", "checkpoint_every=1000",
+                 "--spo", "prompts_per_round=2", "train_batch_size=2", "checkpoint_every=1000", "threshold=0",
                  "--dpo", "pairs_per_round=8", "train_batch_size=4", "checkpoint_every=1000"]) == 0
     printed = capsys.readouterr().out
     assert "spo−base" in printed and "dpo−base" in printed

@@ -110,30 +110,56 @@ def test_stream_skips_and_counts_bad_rows(tmp_path):
         PickAPicStream(bad)
 
 
-def test_resumed_training_equals_uninterrupted(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("schedule", [[], ["lr_schedule=cosine", "hflip=true"]], ids=["constant", "cosine-hflip"])
+def test_resumed_training_equals_uninterrupted(tiny_dirs, tmp_path, monkeypatch, schedule):
+    from spo_studio.backend.preference import train as train_module
+
     data = tmp_path / "pairs.parquet"
     write_pickapic(data, _pair_rows(40))
     common = [f"base_model={tiny_dirs['sd15']}", "init=scratch:pocket", f"train_data={data}", "lr=1e-3",
-              "warmup_steps=2", "batch_size=4", "log_every=1", "shuffle_buffer=8", "t_max=999"]
+              "warmup_steps=2", "batch_size=4", "log_every=1", "shuffle_buffer=8", "t_max=999", "max_steps=12",
+              "checkpoint_every=7", *schedule]
+    train_spm(load_config(SPMTrainConfig, None, common + [f"output_dir={tmp_path / 'full'}"]))
 
-    full = load_config(SPMTrainConfig, None, common + [f"output_dir={tmp_path / 'full'}", "max_steps=12",
-                                                       "checkpoint_every=100"])
-    train_spm(full)
-    first = load_config(SPMTrainConfig, None, common + [f"output_dir={tmp_path / 'cut'}", "max_steps=7",
-                                                        "checkpoint_every=7"])
-    train_spm(first)  # "interrupted" after step 7 (mid-epoch 1: 10 batches per epoch)
-    second = load_config(SPMTrainConfig, None, common + [f"output_dir={tmp_path / 'cut'}", "max_steps=12",
-                                                         "checkpoint_every=100"])
-    train_spm(second)
+    save = train_module.save_checkpoint
+
+    def save_then_die(run_dir, step, state):  # the process is killed right after the step-7 checkpoint
+        save(run_dir, step, state)
+        raise KeyboardInterrupt(f"killed after step {step}")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    cut = load_config(SPMTrainConfig, None, common + [f"output_dir={tmp_path / 'cut'}"])
+    with pytest.raises(KeyboardInterrupt, match="after step 7"):  # mid-epoch 1: 10 batches per epoch
+        train_spm(cut)
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    train_spm(cut)
     a = StepAwarePreferenceModel.load(tmp_path / "full" / "spm").state_dict()
     b = StepAwarePreferenceModel.load(tmp_path / "cut" / "spm").state_dict()
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= 1e-6, worst
-    changed = max((a[k].float() - StepAwarePreferenceModel.load(tmp_path / "full" / "spm").state_dict()[k].float()).abs().max().item() for k in a)
-    assert changed == 0.0
     metrics = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 12
+
+
+def test_cosine_schedule_and_mirroring():
+    from spo_studio.backend.preference.train import _lr_factor, mirror_pairs
+
+    # warm-up 4 steps of 100: (s+1)/4, then cos from 1 to 0 at step 100
+    assert _lr_factor(0, 4, "cosine", 100) == pytest.approx(0.25 * 0.5 * (1 + math.cos(0)))
+    assert _lr_factor(50, 4, "cosine", 100) == pytest.approx(0.5)
+    assert _lr_factor(75, 4, "cosine", 100) == pytest.approx(0.5 * (1 + math.cos(0.75 * math.pi)))
+    assert _lr_factor(100, 4, "cosine", 100) == pytest.approx(0.0, abs=1e-12)
+    assert _lr_factor(75, 4, "linear", 100) == pytest.approx(0.25)
+    assert _lr_factor(1, 4, "linear", 100) == pytest.approx(0.5 * 0.99)
+    assert _lr_factor(75, 4, "constant", 100) == 1.0
+    images = torch.arange(6 * 3 * 2 * 4, dtype=torch.float32).view(6, 3, 2, 4)  # 3 pairs: rows i and 3+i
+    out = mirror_pairs(images, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[i], images[i].flip(-1)) for i in range(6)]
+    assert [torch.equal(out[i], images[i]) for i in range(6)] == [not f for f in flipped]
+    assert flipped[:3] == flipped[3:] and any(flipped) and not all(flipped)  # a pair's two images flip together
+    with pytest.raises(ValueError, match="lr_schedule must be linear, cosine or constant"):
+        load_config(SPMTrainConfig, None, ["lr_schedule=step"]).validate()
 
 
 def test_eval_spm_and_score_commands(tiny_dirs, tiny_spm, tmp_path):
@@ -155,6 +181,20 @@ def test_eval_spm_and_score_commands(tiny_dirs, tiny_spm, tmp_path):
     for row in result["buckets"].values():
         assert row["spm"]["n"] == 6 == row["base"]["n"]  # 9 rows, 3 ties excluded
         assert 0 <= row["spm"]["accuracy"] <= 1
+    # the clean row: the images as they are (no VAE round trip), SPM at t = 0, base without t
+    from spo_studio.backend.models import load_model
+    from spo_studio.backend.preference.scoring import Scorer
+    from spo_studio.backend.preference.train import images_tensor
+
+    pairs = [p for p in PickAPicStream(data).iter_epoch(0) if p.label0 != p.label1]
+    images = images_tensor([p.image0 for p in pairs] + [p.image1 for p in pairs], 32)
+    prompts = [p.caption for p in pairs] * 2
+    scorer = Scorer.from_path(tiny_spm, load_model(tiny_dirs["sd15"]))
+    for key, t in (("spm", 0), ("base", None)):
+        s0, s1 = scorer.score_images(images, prompts, t).chunk(2)
+        expected = sum(bool(a > b) == (p.label0 > p.label1) for a, b, p in zip(s0, s1, pairs)) / len(pairs)
+        se = pytest.approx(math.sqrt(expected * (1 - expected) / 6))
+        assert result["clean"][key] == {"accuracy": expected, "stderr": se, "n": 6}
     assert (out / "spm_eval.png").exists()
 
     score_dir = tmp_path / "score"

@@ -33,7 +33,7 @@ def args_eval_spm(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-scorer", default=None, help="base scorer folder (default: the pocket scorer)")
     p.add_argument("--model", default="pocket", help="base diffusion model for the one-step x̂0")
     p.add_argument("--data", default=None, help="held-out Pick-a-Pic parquet (default: the pocket held-out pairs)")
-    p.add_argument("--max-pairs", type=int, default=500)
+    p.add_argument("--max-pairs", type=int, default=0, help="read at most this many rows (0: all; ties are skipped)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latent-decode", action="store_true",
                    help="score the fast preview decode (x̂0 latent shrunk to the SPM's input size, then decoded)")
@@ -54,6 +54,9 @@ def cmd_eval_spm(args) -> int:
     result = eval_spm(args.spm, args.base_scorer or POCKET_SCORER_DIR, model, data, BUCKETS, args.max_pairs,
                       seed=args.seed, latent_decode=args.latent_decode)
     write_eval(result, Path(args.out))
+    clean = result["clean"]
+    print(f"clean   SPM {clean['spm']['accuracy']:.3f} ± {clean['spm']['stderr']:.3f}   "
+          f"base {clean['base']['accuracy']:.3f} ± {clean['base']['stderr']:.3f}   (no VAE round trip)")
     for t, row in result["buckets"].items():
         print(f"t={t:>4}  SPM {row['spm']['accuracy']:.3f} ± {row['spm']['stderr']:.3f}   "
               f"base {row['base']['accuracy']:.3f} ± {row['base']['stderr']:.3f}   n={row['spm']['n']}")

@@ -11,6 +11,7 @@ conditioning) score the *same* decoded images. Ties are excluded from accuracy.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -35,17 +36,35 @@ def _accuracy(correct: list[bool]) -> dict:
     return {"accuracy": acc, "stderr": se, "n": n}
 
 
+def _verdicts(scores: torch.Tensor, truth: list[bool]) -> list[bool]:
+    """Scores [2B] (pairs as rows i and B+i) → whether each pair's higher score is the crowd's choice."""
+    s0, s1 = scores.chunk(2)
+    return [bool(a > b) == w for a, b, w in zip(s0, s1, truth)]
+
+
 @torch.no_grad()
-def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS, max_pairs: int = 500,
+def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS, max_pairs: int = 0,
              batch_size: int = 32, cfg_scale: float = 5.0, seed: int = 0, latent_decode: bool = False) -> dict:
     """Pairwise accuracy of the SPM (at t) and the base scorer (no t) on the same one-step x̂0 images;
+    also on the clean images themselves (`clean`: SPM at t = 0, as SPO scores its final candidates, with
+    no VAE encode/decode round trip in between). `max_pairs`: read at most this many rows (0: all);
     `latent_decode`: both see the fast preview decode (`Scorer(latent_decode=True)`) instead of the full one."""
     spm = Scorer.from_path(spm_path, base_model, latent_decode=latent_decode)
     base = Scorer.from_path(base_scorer_path, base_model, latent_decode=latent_decode)
-    pairs = [p for p, _ in zip(PickAPicStream(data_path).iter_epoch(0), range(max_pairs)) if p.label0 != p.label1]
+    rows = itertools.islice(PickAPicStream(data_path).iter_epoch(0), max_pairs if max_pairs > 0 else None)
+    pairs = [p for p in rows if p.label0 != p.label1]
     size = base_model.default_resolution
     result: dict = {"spm": str(spm_path), "base_scorer": str(base_scorer_path), "data": str(data_path),
                     "cfg_scale": cfg_scale, "seed": seed, "latent_decode": latent_decode, "buckets": {}}
+    spm_correct, base_correct = [], []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        images = images_tensor([p.image0 for p in chunk] + [p.image1 for p in chunk], size)
+        prompts = [p.caption for p in chunk] * 2
+        truth = [p.label0 > p.label1 for p in chunk]
+        spm_correct += _verdicts(spm.score_images(images, prompts, 0), truth)
+        base_correct += _verdicts(base.score_images(images, prompts, None), truth)
+    result["clean"] = {"spm": _accuracy(spm_correct), "base": _accuracy(base_correct)}
     for t_value in buckets:
         spm_correct, base_correct = [], []
         gen = torch.Generator().manual_seed(seed * 1_000_003 + t_value)
@@ -56,11 +75,9 @@ def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS,
             t = torch.full((len(prompts),), t_value, dtype=torch.long)
             x0 = one_step_x0_images(base_model, images.to(base_model.device), prompts, t, gen, cfg_scale,
                                     decode=spm.decode if latent_decode else None)
-            s_spm = spm.score_images(x0, prompts, t_value).chunk(2)
-            s_base = base.score_images(x0, prompts, None).chunk(2)
             truth = [p.label0 > p.label1 for p in chunk]
-            spm_correct += [bool(a > b) == w for a, b, w in zip(*s_spm, truth)]
-            base_correct += [bool(a > b) == w for a, b, w in zip(*s_base, truth)]
+            spm_correct += _verdicts(spm.score_images(x0, prompts, t_value), truth)
+            base_correct += _verdicts(base.score_images(x0, prompts, None), truth)
         result["buckets"][str(t_value)] = {"spm": _accuracy(spm_correct), "base": _accuracy(base_correct)}
         logger.info("t=%d  spm %.3f  base %.3f  (n=%d)", t_value, result["buckets"][str(t_value)]["spm"]["accuracy"],
                     result["buckets"][str(t_value)]["base"]["accuracy"], len(spm_correct))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,11 @@ class SPMTrainConfig:
                                     "scorer on clean images")
     lr: float = option(3e-6, "AdamW learning rate (paper: 3e-6 SD1.5, 1e-6 SDXL)")
     weight_decay: float = option(0.3, "AdamW weight decay (PickScore/SPM: 0.3)")
-    warmup_steps: int = option(500, "linear warm-up steps, then constant")
+    warmup_steps: int = option(500, "linear warm-up steps, then `lr_schedule`")
+    lr_schedule: str = option("linear", "after warm-up: 'linear' decay to 0 at max_steps (the official trainer's "
+                                        "WarmupDecayLR), 'cosine' decay to 0, or 'constant'")
+    hflip: bool = option(False, "mirror each image left-right with probability 1/2 (augmentation; only where the "
+                                "labels do not depend on left/right, e.g. the pocket crowd, not Pick-a-Pic)")
     max_steps: int = option(8000, "optimizer steps (paper: 8000 SD1.5, 7000 SDXL)")
     batch_size: int = option(16, "pairs per optimizer step per process")
     grad_accum: int = option(1, "gradient accumulation steps")
@@ -74,6 +79,8 @@ class SPMTrainConfig:
             raise ValueError(f"need 0 <= t_min <= t_max <= 999; got t_min={self.t_min}, t_max={self.t_max}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
+        if self.lr_schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"lr_schedule must be linear, cosine or constant; got {self.lr_schedule!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -144,8 +151,22 @@ def one_step_x0_images(model, images: torch.Tensor, prompts: list[str], t: torch
     return out
 
 
-def _lr_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / max(1, warmup))
+def _lr_factor(step: int, warmup: int, schedule: str, total: int) -> float:
+    """Linear warm-up over `warmup` steps, times a decay from 1 at step 0 to 0 at `total`: linear, cosine or none."""
+    factor = min(1.0, (step + 1) / max(1, warmup))
+    progress = min(step, total) / total
+    if schedule == "linear":
+        factor *= 1 - progress
+    elif schedule == "cosine":
+        factor *= 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def mirror_pairs(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images [2B, 3, H, W] (pairs as rows i and B+i) → each pair mirrored left-right with probability 1/2."""
+    half = images.shape[0] // 2
+    flip = (torch.rand(half, generator=generator) < 0.5).repeat(2).view(-1, 1, 1, 1)
+    return torch.where(flip, images.flip(-1), images)
 
 
 def train_spm(cfg: SPMTrainConfig) -> Path:
@@ -171,7 +192,8 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
     spm.train()
     params = [p for p in spm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps))
 
     step, epoch, position = 0, 0, 0
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
@@ -205,6 +227,8 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
             step_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             with accelerator.accumulate(spm):
                 images = images_tensor([p.image0 for p in mine] + [p.image1 for p in mine], size)
+                if cfg.hflip:
+                    images = mirror_pairs(images, step_gen)
                 prompts = [p.caption for p in mine]
                 if cfg.step_aware:
                     t_half = torch.randint(cfg.t_min, cfg.t_max + 1, (len(mine),), generator=step_gen)
