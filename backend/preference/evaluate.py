@@ -36,6 +36,14 @@ def _accuracy(correct: list[bool]) -> dict:
     return {"accuracy": acc, "stderr": se, "n": n}
 
 
+def _batches(pairs: list, size: int, batch_size: int):
+    """Yield (images [2B, 3, size, size] with pairs as rows i and B+i, their prompts, whether image 0 won)."""
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        images = images_tensor([p.image0 for p in chunk] + [p.image1 for p in chunk], size)
+        yield images, [p.caption for p in chunk] * 2, [p.label0 > p.label1 for p in chunk]
+
+
 def _verdicts(scores: torch.Tensor, truth: list[bool]) -> list[bool]:
     """Scores [2B] (pairs as rows i and B+i) → whether each pair's higher score is the crowd's choice."""
     s0, s1 = scores.chunk(2)
@@ -57,25 +65,17 @@ def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS,
     result: dict = {"spm": str(spm_path), "base_scorer": str(base_scorer_path), "data": str(data_path),
                     "cfg_scale": cfg_scale, "seed": seed, "latent_decode": latent_decode, "buckets": {}}
     spm_correct, base_correct = [], []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        images = images_tensor([p.image0 for p in chunk] + [p.image1 for p in chunk], size)
-        prompts = [p.caption for p in chunk] * 2
-        truth = [p.label0 > p.label1 for p in chunk]
+    for images, prompts, truth in _batches(pairs, size, batch_size):
         spm_correct += _verdicts(spm.score_images(images, prompts, 0), truth)
         base_correct += _verdicts(base.score_images(images, prompts, None), truth)
     result["clean"] = {"spm": _accuracy(spm_correct), "base": _accuracy(base_correct)}
     for t_value in buckets:
         spm_correct, base_correct = [], []
         gen = torch.Generator().manual_seed(seed * 1_000_003 + t_value)
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i : i + batch_size]
-            images = images_tensor([p.image0 for p in chunk] + [p.image1 for p in chunk], size)
-            prompts = [p.caption for p in chunk] * 2
+        for images, prompts, truth in _batches(pairs, size, batch_size):
             t = torch.full((len(prompts),), t_value, dtype=torch.long)
             x0 = one_step_x0_images(base_model, images.to(base_model.device), prompts, t, gen, cfg_scale,
                                     decode=spm.decode if latent_decode else None)
-            truth = [p.label0 > p.label1 for p in chunk]
             spm_correct += _verdicts(spm.score_images(x0, prompts, t_value), truth)
             base_correct += _verdicts(base.score_images(x0, prompts, None), truth)
         result["buckets"][str(t_value)] = {"spm": _accuracy(spm_correct), "base": _accuracy(base_correct)}
