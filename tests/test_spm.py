@@ -110,7 +110,8 @@ def test_stream_skips_and_counts_bad_rows(tmp_path):
         PickAPicStream(bad)
 
 
-@pytest.mark.parametrize("schedule", [[], ["lr_schedule=cosine", "hflip=true"]], ids=["constant", "cosine-hflip"])
+@pytest.mark.parametrize("schedule", [[], ["lr_schedule=cosine", "hflip=true", "rot90=true"]],
+                         ids=["constant", "cosine-flip-rot"])
 def test_resumed_training_equals_uninterrupted(tiny_dirs, tmp_path, monkeypatch, schedule):
     from spo_studio.backend.preference import train as train_module
 
@@ -160,6 +161,20 @@ def test_cosine_schedule_and_mirroring():
     assert flipped[:3] == flipped[3:] and any(flipped) and not all(flipped)  # a pair's two images flip together
     with pytest.raises(ValueError, match="lr_schedule must be linear, cosine or constant"):
         load_config(SPMTrainConfig, None, ["lr_schedule=step"]).validate()
+
+
+def test_rotate_pairs_turns_both_images_of_a_pair_alike():
+    from spo_studio.backend.preference.train import rotate_pairs
+
+    images = torch.arange(8 * 3 * 3 * 3, dtype=torch.float32).view(8, 3, 3, 3)  # 4 pairs: rows i and 4+i
+    out = rotate_pairs(images, torch.Generator().manual_seed(1))
+    turns = []
+    for i in range(8):
+        k = [r for r in range(4) if torch.equal(out[i], torch.rot90(images[i], r, dims=(-2, -1)))]
+        assert len(k) == 1, f"row {i} is not a 90° rotation of its input"
+        turns.append(k[0])
+    assert turns[:4] == turns[4:]  # a pair's two images turn together
+    assert len(set(turns[:4])) > 1  # and pairs differ (seeded: generator 1 gives more than one k on 4 pairs)
 
 
 def test_eval_spm_and_score_commands(tiny_dirs, tiny_spm, tmp_path):

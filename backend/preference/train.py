@@ -59,6 +59,8 @@ class SPMTrainConfig:
                                         "WarmupDecayLR), 'cosine' decay to 0, or 'constant'")
     hflip: bool = option(False, "mirror each image left-right with probability 1/2 (augmentation; only where the "
                                 "labels do not depend on left/right, e.g. the pocket crowd, not Pick-a-Pic)")
+    rot90: bool = option(False, "rotate each pair by the same random multiple of 90° (augmentation; only where the "
+                                "labels do not depend on orientation, e.g. the pocket crowd, not Pick-a-Pic)")
     max_steps: int = option(8000, "optimizer steps (paper: 8000 SD1.5, 7000 SDXL)")
     batch_size: int = option(16, "pairs per optimizer step per process")
     grad_accum: int = option(1, "gradient accumulation steps")
@@ -169,6 +171,17 @@ def mirror_pairs(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.where(flip, images.flip(-1), images)
 
 
+def rotate_pairs(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images [2B, 3, S, S] (pairs as rows i and B+i) → each pair rotated by the same k·90°, k ~ U{0, 1, 2, 3}."""
+    half = images.shape[0] // 2
+    k = torch.randint(0, 4, (half,), generator=generator).repeat(2)
+    out = images.clone()
+    for r in (1, 2, 3):
+        rows = k == r
+        out[rows] = torch.rot90(images[rows], r, dims=(-2, -1))
+    return out
+
+
 def train_spm(cfg: SPMTrainConfig) -> Path:
     """Run (or resume) SPM training; returns the folder of the final SPM."""
     from accelerate import Accelerator
@@ -229,6 +242,8 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
                 images = images_tensor([p.image0 for p in mine] + [p.image1 for p in mine], size)
                 if cfg.hflip:
                     images = mirror_pairs(images, step_gen)
+                if cfg.rot90:
+                    images = rotate_pairs(images, step_gen)
                 prompts = [p.caption for p in mine]
                 if cfg.step_aware:
                     t_half = torch.randint(cfg.t_min, cfg.t_max + 1, (len(mine),), generator=step_gen)
