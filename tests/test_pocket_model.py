@@ -50,3 +50,31 @@ def test_pocket_sample_cli(tmp_path):
 def test_pocket_build_record_documents_the_build():
     record = json.loads((POCKET_DIR / "pocket_build.json").read_text())
     assert record["seconds_total"] > 0 and record["parameters"]["unet"] > 1e6
+
+
+def test_encoder_refit_moves_only_the_encoder_and_lowers_the_round_trip_error():
+    """`spo pocket build --stage encoder`: the VAE encoder learns to invert the decoder on its own outputs for latents
+    it was not trained on (as the pocket model's samples are), and nothing the sampler uses (the decoder) changes."""
+    import torch
+    from spo_studio.backend.pocket import world
+    from spo_studio.backend.pocket.base_model import PocketModelConfig, refit_encoder, round_trip_l1, train_vae
+
+    cfg = PocketModelConfig(image_size=32, vae_channels=(16, 16), vae_steps=60, vae_batch=8, vae_crop=16,
+                            encoder_steps=100, encoder_batch=8, encoder_lr=3e-3)
+    renders = torch.from_numpy(np.stack([s.image for s in world.samples(16, 0, image_size=32)]))
+    renders = renders.permute(0, 3, 1, 2).float() / 255
+    vae = train_vae(cfg, renders)
+    with torch.no_grad():  # the model's "samples": decoder outputs of latents the encoder never produces
+        z = vae.encode(renders * 2 - 1).latent_dist.mean
+        z = z + 0.5 * z.std() * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+        samples = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    l1_before = round_trip_l1(vae, samples)
+    info = refit_encoder(cfg, vae, samples, renders)
+    after = vae.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("encoder.", "quant_conv.")) for k in moved), sorted(moved)[:5]
+    assert info["round_trip_l1_before"] == pytest.approx(l1_before)
+    assert info["round_trip_l1_after"] == pytest.approx(round_trip_l1(vae, samples))
+    assert info["round_trip_l1_after"] < 0.8 * l1_before, info
+    assert not any(p.requires_grad for p in vae.parameters())

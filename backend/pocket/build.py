@@ -6,6 +6,8 @@ Stages (each reads what the previous ones wrote):
   base    world images → VAE → UNet + text encoder → `model/` (a diffusers SD1.5-class folder)
   refine  a second, warm-started UNet + text-encoder phase on fresh world images → `model/`
   data    pocket samples labelled by the simulated crowd → `data/pairs_{train,held_out}.parquet`
+  encoder the VAE encoder refit to its decoder on the model's own samples (the training pairs' images);
+          decoder and UNet untouched, so sampling is unchanged → `model/vae/`
   scorer  the pocket "PickScore": a small CLIP trained on clean pairs → `scorer/`
   spm     the pocket step-aware preference model, from the scorer, on noisy x̂0 → `spm/`
   report  alignment/aesthetic of base-model samples on training and held-out prompts, SPM accuracy
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 POCKET_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = POCKET_ROOT / "model"
-STAGES = ("base", "refine", "data", "scorer", "spm", "report")
+STAGES = ("base", "refine", "data", "encoder", "scorer", "spm", "report")
 
 
 def world_dataset(n: int, seed: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
@@ -104,9 +107,33 @@ def stage_spm(steps: int = 1500) -> dict:
     return {"steps": steps, "run": cfg.output_dir}
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    import shutil
+def stage_encoder(cfg: PocketModelConfig | None = None, model_dir: Path = DEFAULT_OUT) -> dict:
+    from diffusers import AutoencoderKL
 
+    from ..preference.data import PickAPicStream
+    from ..preference.train import images_tensor
+    from .base_model import refit_encoder
+    from .preference_data import TRAIN_PAIRS
+
+    cfg = cfg or PocketModelConfig()
+    unique: dict[bytes, np.ndarray] = {}
+    for pair in PickAPicStream(TRAIN_PAIRS).iter_epoch(0):
+        for image in (pair.image0, pair.image1):
+            unique.setdefault(image.tobytes(), image)
+    samples = images_tensor(list(unique.values()), cfg.image_size)
+    renders, _ = world_dataset(len(samples), cfg.seed + 2, cfg.image_size)
+    vae = AutoencoderKL.from_pretrained(Path(model_dir) / "vae")
+    info = refit_encoder(cfg, vae, samples, renders)
+    staged = Path(model_dir) / "vae.refit"
+    vae.save_pretrained(staged)
+    _replace_dir(staged, Path(model_dir) / "vae")
+    shutil.rmtree(staged)
+    logger.info("VAE encoder refit on %d samples: round-trip L1 %.4f → %.4f", len(samples),
+                info["round_trip_l1_before"], info["round_trip_l1_after"])
+    return {"samples": len(samples), **info}
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
     tmp = dst.with_name(dst.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -132,6 +159,8 @@ def build(stages: tuple[str, ...] = STAGES, cfg: PocketModelConfig | None = None
             info = stage_scorer()
         elif name == "spm":
             info = stage_spm()
+        elif name == "encoder":
+            info = stage_encoder(cfg, out_dir)
         else:
             from .report import stage_report
 
