@@ -359,3 +359,26 @@ def test_aesthetic_is_independent_of_layout_shape_and_colours(aesthetic_scores):
     )
     assert spread_clean <= 0.1 * gap
     assert spread_blur <= 0.25 * gap
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preference data
+
+
+def test_preference_data_chunks_are_independent_and_summaries_count_all(monkeypatch):
+    from spo_studio.backend.pocket import preference_data as pdata
+
+    def fake_sampler(model, prompts, seeds, cfg):  # world renders stand in for the pocket model's samples
+        return [world.sample(s % 100_000, image_size=32).image for s in seeds]
+
+    monkeypatch.setattr(pdata, "sample_images", fake_sampler)
+    cfg = pdata.PreferenceDataConfig(per_prompt=3)
+    one, s1 = pdata.build_pairs(None, 4, (1,), cfg)
+    two, s2 = pdata.build_pairs(None, 4, (1, 3), cfg)
+    assert len(one) == 4 * 3 and len(two) == 2 * len(one)
+    assert two[: len(one)] == one  # adding a chunk leaves the first chunk's rows unchanged
+    assert {r["image_0_uid"].split("-")[0] for r in two[len(one):]} == {"3"}
+    assert two[len(one)]["jpg_0"] != one[0]["jpg_0"]
+    assert (s2["pairs"], s2["prompts"], s2["images"]) == (24, 8, 24) and (s1["prompts"], s1["images"]) == (4, 12)
+    ties = sum(r["label_0"] == 0.5 for r in two)
+    assert s2["tie_rate"] == pytest.approx(ties / 24)

@@ -188,14 +188,17 @@ def test_eval_spm_and_score_commands(tiny_dirs, tiny_spm, tmp_path):
 
     data = tmp_path / "held_out.parquet"
     write_pickapic(data, _pair_rows(9))
+    train = tmp_path / "train.parquet"  # its only caption is "a red circle": the blue-square pairs are unseen
+    write_pickapic(train, [r for r in _pair_rows(4, seed=1) if r["caption"] == "a red circle"])
     out = tmp_path / "eval"
     assert main(["eval-spm", "--spm", str(tiny_spm), "--base-scorer", str(tiny_spm), "--model", str(tiny_dirs["sd15"]),
-                 "--data", str(data), "--max-pairs", "9", "--out", str(out)]) == 0
+                 "--data", str(data), "--train-data", str(train), "--max-pairs", "9", "--out", str(out)]) == 0
     result = json.loads((out / "spm_eval.json").read_text())
     assert list(result["buckets"]) == ["0", "250", "500", "750", "950"]
     for row in result["buckets"].values():
         assert row["spm"]["n"] == 6 == row["base"]["n"]  # 9 rows, 3 ties excluded
         assert 0 <= row["spm"]["accuracy"] <= 1
+        assert row["unseen_prompts"]["spm"]["n"] == 3 == row["unseen_prompts"]["base"]["n"]  # rows 1, 3, 7
     # the clean row: the images as they are (no VAE round trip), SPM at t = 0, base without t
     from spo_studio.backend.models import load_model
     from spo_studio.backend.preference.scoring import Scorer
@@ -207,9 +210,12 @@ def test_eval_spm_and_score_commands(tiny_dirs, tiny_spm, tmp_path):
     scorer = Scorer.from_path(tiny_spm, load_model(tiny_dirs["sd15"]))
     for key, t in (("spm", 0), ("base", None)):
         s0, s1 = scorer.score_images(images, prompts, t).chunk(2)
-        expected = sum(bool(a > b) == (p.label0 > p.label1) for a, b, p in zip(s0, s1, pairs)) / len(pairs)
+        verdicts = [bool(a > b) == (p.label0 > p.label1) for a, b, p in zip(s0, s1, pairs)]
+        expected = sum(verdicts) / len(pairs)
         se = pytest.approx(math.sqrt(expected * (1 - expected) / 6))
         assert result["clean"][key] == {"accuracy": expected, "stderr": se, "n": 6}
+        unseen = [v for v, p in zip(verdicts, pairs) if p.caption == "a blue square"]
+        assert result["clean"]["unseen_prompts"][key]["accuracy"] == sum(unseen) / 3
     assert (out / "spm_eval.png").exists()
 
     score_dir = tmp_path / "score"

@@ -199,7 +199,7 @@ def refit_encoder(cfg: PocketModelConfig, vae, samples: torch.Tensor, renders: t
                             time.time() - start)
     vae.eval().requires_grad_(False)
     return {"round_trip_l1_before": before, "round_trip_l1_after": round_trip_l1(vae, samples),
-            "seconds": round(time.time() - start, 1)}
+            "seconds_fit": round(time.time() - start, 1)}
 
 
 @torch.no_grad()

@@ -1,13 +1,14 @@
 """`spo pocket build`: rebuild the pocket world's shipped files, seeded and deterministic.
 
-    spo pocket build [--stage all|base|data|scorer|spm|report]
+    spo pocket build [--stage base|refine|data|encoder|scorer|spm|report ...]   (no --stage: all)
 
 Stages (each reads what the previous ones wrote):
   base    world images → VAE → UNet + text encoder → `model/` (a diffusers SD1.5-class folder)
   refine  a second, warm-started UNet + text-encoder phase on fresh world images → `model/`
   data    pocket samples labelled by the simulated crowd → `data/pairs_{train,held_out}.parquet`
   encoder the VAE encoder refit to its decoder on the model's own samples (the training pairs' images);
-          decoder and UNet untouched, so sampling is unchanged → `model/vae/`
+          decoder and UNet untouched, so sampling is unchanged → `model/vae/`. It starts from the
+          encoder it finds: run it once after `base` (a second run refits the refit encoder)
   scorer  the pocket "PickScore": a small CLIP trained on clean pairs → `scorer/`
   spm     the pocket step-aware preference model, from the scorer, on noisy x̂0 → `spm/`
   report  alignment/aesthetic of base-model samples on training and held-out prompts, SPM accuracy
@@ -90,6 +91,7 @@ def stage_scorer(steps: int = 1500) -> dict:
 
     cfg = load_config(SPMTrainConfig, POCKET_ROOT.parents[1] / "configs" / "pocket_scorer.yaml",
                       [f"train_data={TRAIN_PAIRS}", f"max_steps={steps}"])
+    _clear_run(Path(cfg.output_dir))
     out = train_spm(cfg)
     _replace_dir(out, POCKET_SCORER_DIR)
     return {"steps": steps, "run": cfg.output_dir}
@@ -102,6 +104,7 @@ def stage_spm(steps: int = 1500) -> dict:
 
     cfg = load_config(SPMTrainConfig, POCKET_ROOT.parents[1] / "configs" / "pocket_spm.yaml",
                       [f"train_data={TRAIN_PAIRS}", f"max_steps={steps}"])
+    _clear_run(Path(cfg.output_dir))
     out = train_spm(cfg)
     _replace_dir(out, POCKET_SPM_DIR)
     return {"steps": steps, "run": cfg.output_dir}
@@ -124,13 +127,22 @@ def stage_encoder(cfg: PocketModelConfig | None = None, model_dir: Path = DEFAUL
     renders, _ = world_dataset(len(samples), cfg.seed + 2, cfg.image_size)
     vae = AutoencoderKL.from_pretrained(Path(model_dir) / "vae")
     info = refit_encoder(cfg, vae, samples, renders)
-    staged = Path(model_dir) / "vae.refit"
+    staged = Path(model_dir) / "vae.tmp"
+    if staged.exists():
+        shutil.rmtree(staged)
     vae.save_pretrained(staged)
-    _replace_dir(staged, Path(model_dir) / "vae")
-    shutil.rmtree(staged)
+    _swap_in(staged, Path(model_dir) / "vae")
     logger.info("VAE encoder refit on %d samples: round-trip L1 %.4f → %.4f", len(samples),
                 info["round_trip_l1_before"], info["round_trip_l1_after"])
     return {"samples": len(samples), **info}
+
+
+def _clear_run(run_dir: Path) -> None:
+    """A build stage trains from scratch: a previous run in its folder (the trainer would resume it, though the
+    data or the scorer it started from may have changed since) is removed first."""
+    if run_dir.exists():
+        logger.warning("removing the previous build run %s (a build stage starts from scratch)", run_dir)
+        shutil.rmtree(run_dir)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -138,6 +150,11 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(src, tmp)
+    _swap_in(tmp, dst)
+
+
+def _swap_in(tmp: Path, dst: Path) -> None:
+    """Put a fully written folder `tmp` in the place of `dst`."""
     if dst.exists():
         shutil.rmtree(dst)
     tmp.replace(dst)

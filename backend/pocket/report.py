@@ -114,7 +114,7 @@ def stage_report() -> dict:
     report: dict = {"prompt_following": prompt_following(model)}
     sample_grid(model, POCKET_ROOT / "pocket_grid.png")
     if (POCKET_SPM_DIR / "spm.json").exists():
-        spm_eval = eval_spm(POCKET_SPM_DIR, POCKET_SCORER_DIR, model, HELD_OUT_PAIRS)
+        spm_eval = eval_spm(POCKET_SPM_DIR, POCKET_SCORER_DIR, model, HELD_OUT_PAIRS, train_data=TRAIN_PAIRS)
         write_eval(spm_eval, POCKET_ROOT)
         report["spm_eval"] = spm_eval["buckets"]
     build_log = POCKET_ROOT / "build_log.json"

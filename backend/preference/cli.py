@@ -33,6 +33,9 @@ def args_eval_spm(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-scorer", default=None, help="base scorer folder (default: the pocket scorer)")
     p.add_argument("--model", default="pocket", help="base diffusion model for the one-step x̂0")
     p.add_argument("--data", default=None, help="held-out Pick-a-Pic parquet (default: the pocket held-out pairs)")
+    p.add_argument("--train-data", default=None,
+                   help="training parquet: also report accuracy on held-out pairs whose caption it lacks "
+                        "(default with the pocket held-out pairs: the pocket training pairs)")
     p.add_argument("--max-pairs", type=int, default=0, help="read at most this many rows (0: all; ties are skipped)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latent-decode", action="store_true",
@@ -45,14 +48,14 @@ def cmd_eval_spm(args) -> int:
     from .evaluate import BUCKETS, eval_spm, write_eval
     from .train import POCKET_SCORER_DIR
 
-    data = args.data
+    data, train_data = args.data, args.train_data
     if data is None:
-        from ..pocket.preference_data import HELD_OUT_PAIRS
+        from ..pocket.preference_data import HELD_OUT_PAIRS, TRAIN_PAIRS
 
-        data = HELD_OUT_PAIRS
+        data, train_data = HELD_OUT_PAIRS, train_data or TRAIN_PAIRS
     model = load_model(args.model)
     result = eval_spm(args.spm, args.base_scorer or POCKET_SCORER_DIR, model, data, BUCKETS, args.max_pairs,
-                      seed=args.seed, latent_decode=args.latent_decode)
+                      seed=args.seed, latent_decode=args.latent_decode, train_data=train_data)
     write_eval(result, Path(args.out))
     clean = result["clean"]
     print(f"clean   SPM {clean['spm']['accuracy']:.3f} ± {clean['spm']['stderr']:.3f}   "
@@ -60,6 +63,11 @@ def cmd_eval_spm(args) -> int:
     for t, row in result["buckets"].items():
         print(f"t={t:>4}  SPM {row['spm']['accuracy']:.3f} ± {row['spm']['stderr']:.3f}   "
               f"base {row['base']['accuracy']:.3f} ± {row['base']['stderr']:.3f}   n={row['spm']['n']}")
+    for t, row in [("clean", clean), *result["buckets"].items()]:
+        if "unseen_prompts" in row:
+            u = row["unseen_prompts"]
+            print(f"unseen captions only, {t:>5}: SPM {u['spm']['accuracy']:.3f}   base {u['base']['accuracy']:.3f}"
+                  f"   n={u['spm']['n']}")
     print(f"wrote {args.out}/spm_eval.json and spm_eval.png")
     return 0
 

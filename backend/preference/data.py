@@ -59,6 +59,14 @@ def open_parquet(path: str | Path):
     return pf
 
 
+def captions(path: str | Path) -> set[str]:
+    """The distinct captions of a Pick-a-Pic file, read column-wise (no images are decoded)."""
+    out: set[str] = set()
+    for batch in open_parquet(path).iter_batches(columns=["caption"]):
+        out.update(c for c in batch.column(0).to_pylist() if c)
+    return out
+
+
 class PickAPicStream:
     """Iterate decoded `Pair`s of a Pick-a-Pic parquet file.
 

@@ -6,7 +6,9 @@
 `eval_spm` measures pairwise accuracy against held-out crowd labels per timestep bucket
 (t = 0, 250, 500, 750, 950): each pair is noised to t with one shared noise, the base UNet's
 one-step x̂0 (CFG 5) is decoded, and both the SPM (conditioned on t) and the base scorer (no time
-conditioning) score the *same* decoded images. Ties are excluded from accuracy.
+conditioning) score the *same* decoded images. Ties are excluded from accuracy. Given the training file,
+each row also reports `unseen_prompts`: the accuracies on the pairs whose caption is not in it (held-out
+images are always new; a short prompt grammar makes some held-out captions recur in training).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import atomic_write_text
-from .data import PickAPicStream
+from .data import PickAPicStream, captions
 from .scoring import Scorer
 from .train import images_tensor, one_step_x0_images
 
@@ -52,11 +54,13 @@ def _verdicts(scores: torch.Tensor, truth: list[bool]) -> list[bool]:
 
 @torch.no_grad()
 def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS, max_pairs: int = 0,
-             batch_size: int = 32, cfg_scale: float = 5.0, seed: int = 0, latent_decode: bool = False) -> dict:
+             batch_size: int = 32, cfg_scale: float = 5.0, seed: int = 0, latent_decode: bool = False,
+             train_data=None) -> dict:
     """Pairwise accuracy of the SPM (at t) and the base scorer (no t) on the same one-step x̂0 images;
     also on the clean images themselves (`clean`: SPM at t = 0, as SPO scores its final candidates, with
     no VAE encode/decode round trip in between). `max_pairs`: read at most this many rows (0: all);
-    `latent_decode`: both see the fast preview decode (`Scorer(latent_decode=True)`) instead of the full one."""
+    `latent_decode`: both see the fast preview decode (`Scorer(latent_decode=True)`) instead of the full one.
+    `train_data`: the training file; adds `unseen_prompts` (pairs whose caption it lacks) to every row."""
     spm = Scorer.from_path(spm_path, base_model, latent_decode=latent_decode)
     base = Scorer.from_path(base_scorer_path, base_model, latent_decode=latent_decode)
     rows = itertools.islice(PickAPicStream(data_path).iter_epoch(0), max_pairs if max_pairs > 0 else None)
@@ -68,7 +72,20 @@ def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS,
     for images, prompts, truth in _batches(pairs, size, batch_size):
         spm_correct += _verdicts(spm.score_images(images, prompts, 0), truth)
         base_correct += _verdicts(base.score_images(images, prompts, None), truth)
-    result["clean"] = {"spm": _accuracy(spm_correct), "base": _accuracy(base_correct)}
+    unseen = None
+    if train_data is not None:
+        seen = captions(train_data)
+        unseen = [p.caption not in seen for p in pairs]
+        result["train_data"] = str(train_data)
+
+    def row(spm_ok: list[bool], base_ok: list[bool]) -> dict:
+        out = {"spm": _accuracy(spm_ok), "base": _accuracy(base_ok)}
+        if unseen is not None:
+            out["unseen_prompts"] = {"spm": _accuracy([ok for ok, u in zip(spm_ok, unseen) if u]),
+                                     "base": _accuracy([ok for ok, u in zip(base_ok, unseen) if u])}
+        return out
+
+    result["clean"] = row(spm_correct, base_correct)
     for t_value in buckets:
         spm_correct, base_correct = [], []
         gen = torch.Generator().manual_seed(seed * 1_000_003 + t_value)
@@ -78,7 +95,7 @@ def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS,
                                     decode=spm.decode if latent_decode else None)
             spm_correct += _verdicts(spm.score_images(x0, prompts, t_value), truth)
             base_correct += _verdicts(base.score_images(x0, prompts, None), truth)
-        result["buckets"][str(t_value)] = {"spm": _accuracy(spm_correct), "base": _accuracy(base_correct)}
+        result["buckets"][str(t_value)] = row(spm_correct, base_correct)
         logger.info("t=%d  spm %.3f  base %.3f  (n=%d)", t_value, result["buckets"][str(t_value)]["spm"]["accuracy"],
                     result["buckets"][str(t_value)]["base"]["accuracy"], len(spm_correct))
     return result
