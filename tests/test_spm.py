@@ -1,6 +1,7 @@
 """The step-aware preference model: identity init, the loss by hand, data streaming, exact resume."""
 
 import io
+import json
 import math
 
 import numpy as np
@@ -141,6 +142,24 @@ def test_resumed_training_equals_uninterrupted(tiny_dirs, tmp_path, monkeypatch,
     assert worst <= 1e-6, worst
     metrics = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 12
+
+
+def test_resume_refuses_a_changed_recipe_and_allows_a_longer_run(tiny_dirs, tmp_path):
+    data = tmp_path / "pairs.parquet"
+    write_pickapic(data, _pair_rows(12))
+    common = [f"base_model={tiny_dirs['sd15']}", "init=scratch:pocket", f"train_data={data}", "batch_size=4",
+              "shuffle_buffer=8", "checkpoint_every=2", f"output_dir={tmp_path / 'run'}"]
+    train_spm(load_config(SPMTrainConfig, None, common + ["max_steps=2"]))
+    other = tmp_path / "other.parquet"
+    write_pickapic(other, _pair_rows(12, seed=3))
+    with pytest.raises(ValueError, match=r"config.yaml: the checkpoints .* another config \(train_data: .*other"):
+        train_spm(load_config(SPMTrainConfig, None, common + ["max_steps=4", f"train_data={other}"]))
+    with pytest.raises(ValueError, match=r"lr: 3e-06 → 0.001"):
+        train_spm(load_config(SPMTrainConfig, None, common + ["max_steps=4", "lr=1e-3"]))
+    train_spm(load_config(SPMTrainConfig, None, common + ["max_steps=4"]))  # a longer run resumes
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "resumed"] == [2]
+    train_spm(load_config(SPMTrainConfig, None, common + ["max_steps=2", "lr=1e-3", "resume=false"]))  # start over
 
 
 def test_cosine_schedule_and_mirroring():
