@@ -98,6 +98,29 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def check_resumable(cfg, run_dir: str | Path, method: str, may_change: frozenset[str]) -> None:
+    """Refuse to resume checkpoints that were made with another recipe (method, data, init, lr, …).
+
+    `run_dir/config.yaml` is the config the checkpoints were made with; only the keys in `may_change`
+    (how long a run goes, how often it writes, how it computes) may differ. Without this a re-run with
+    new data in the same folder silently continued the old run.
+    """
+    import yaml
+
+    from .config import to_dict
+
+    saved = Path(run_dir) / "config.yaml"
+    if latest_checkpoint(run_dir) is None or not saved.exists():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    changed = [f"method: {old['method']!r} → {method!r}"] if old.get("method", method) != method else []
+    changed += [f"{k}: {old[k]!r} → {v!r}" for k, v in to_dict(cfg).items()
+                if k not in may_change and k in old and old[k] != v]
+    if changed:
+        raise ValueError(f"{saved}: the checkpoints in {saved.parent} were made with another config "
+                         f"({'; '.join(changed)}); use a new output_dir, or resume=false to start over there")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     file = path / "state.pt" if path.is_dir() else path

@@ -64,6 +64,22 @@ def test_stop_file_ends_with_a_checkpoint(tiny_dirs, tiny_spm, prompts_file, tmp
     assert json.loads((run / "events.jsonl").read_text().splitlines()[-1])["event"] == "stopped"
 
 
+def test_resume_refuses_a_changed_recipe(tiny_dirs, tiny_spm, prompts_file, tmp_path):
+    import pytest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "STOP").write_text("")
+    assert train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, run))["step"] == 1  # one step, one checkpoint
+    (run / "STOP").unlink()
+    with pytest.raises(ValueError, match=r"config.yaml: the checkpoints .* another config \(lr: 0.001 → 0.0005; "
+                                         r"threshold: 0.0 → 0.2\)"):
+        train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, run, lr=5e-4, threshold=0.2))
+    resumed = train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, run, max_steps=2, checkpoint_every=1))  # length may change
+    assert resumed["step"] == 2
+    assert [e["step"] for e in read_jsonl(run / "events.jsonl") if e["event"] == "resumed"] == [1]
+
+
 def test_two_process_gloo_run_keeps_ranks_identical(tiny_dirs, tiny_spm, prompts_file, tmp_path):
     """torchrun with 2 CPU processes (gloo): pairs are shared, gradients all-reduced, ranks stay equal."""
     import os

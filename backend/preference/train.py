@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import option, save_config, to_dict
-from ..runs import RunLogger, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..config import option, save_config
+from ..runs import RunLogger, check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import PickAPicStream
 from .loss import pair_accuracy, preference_loss
 
@@ -186,23 +186,6 @@ def rotate_pairs(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
 RESUMABLE_CHANGES = frozenset({"max_steps", "checkpoint_every", "log_every", "resume"})
 
 
-def check_resumable(cfg: SPMTrainConfig, saved: Path) -> None:
-    """Refuse to resume a run whose checkpoints were made with another recipe (data, init, lr, …).
-
-    Without this a re-run in the same `output_dir` with new data silently continued the old run.
-    """
-    import yaml
-
-    if not saved.exists():
-        return
-    old = yaml.safe_load(saved.read_text()) or {}
-    changed = [f"{k}: {old[k]!r} → {v!r}" for k, v in to_dict(cfg).items()
-               if k not in RESUMABLE_CHANGES and k in old and old[k] != v]
-    if changed:
-        raise ValueError(f"{saved}: the checkpoints in {saved.parent} were made with another config "
-                         f"({'; '.join(changed)}); use a new output_dir, or resume=false to start over there")
-
-
 def train_spm(cfg: SPMTrainConfig) -> Path:
     """Run (or resume) SPM training; returns the folder of the final SPM."""
     from accelerate import Accelerator
@@ -217,8 +200,8 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
                               cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     log = RunLogger(run_dir, enabled=accelerator.is_main_process)
-    if cfg.resume and latest_checkpoint(run_dir) is not None:
-        check_resumable(cfg, run_dir / "config.yaml")
+    if cfg.resume:
+        check_resumable(cfg, run_dir, "spm", RESUMABLE_CHANGES)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml", method="spm")
 

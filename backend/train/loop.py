@@ -29,9 +29,15 @@ from pathlib import Path
 import torch
 
 from ..config import config_hash, save_config
-from ..runs import RunLogger, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..runs import RunLogger, check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
+
+
+# Keys a resumed run may change: its length, how often it writes, how it computes (precision, memory), its
+# sample prompts — not what it learns from or how.
+RESUMABLE_CHANGES = frozenset({"max_steps", "max_minutes", "epochs", "checkpoint_every", "log_every", "resume",
+                               "mixed_precision", "gradient_checkpointing", "sample_prompts"})
 
 
 class StopRequested(Exception):
@@ -266,6 +272,8 @@ def train(cfg, method_cls: type[Method], run_stop: StopFlag | None = None) -> di
                               cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     log = RunLogger(run_dir, enabled=main)
+    if cfg.resume:
+        check_resumable(cfg, run_dir, name, RESUMABLE_CHANGES)
     if main:
         save_config(cfg, run_dir / "config.yaml", method=name)
     stop = run_stop or StopFlag(run_dir)
