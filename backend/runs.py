@@ -98,20 +98,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def check_resumable(cfg, run_dir: str | Path, method: str, may_change: frozenset[str]) -> None:
-    """Refuse to resume checkpoints that were made with another recipe (method, data, init, lr, …).
+def resume_checkpoint(cfg, run_dir: str | Path, method: str, may_change: frozenset[str]) -> Path | None:
+    """The checkpoint a run resumes from (None: `cfg.resume` is off or `run_dir` has none), refusing checkpoints
+    that were made with another recipe (method, data, init, lr, …).
 
     `run_dir/config.yaml` is the config the checkpoints were made with; only the keys in `may_change`
     (how long a run goes, how often it writes, how it computes) may differ. Without this a re-run with
-    new data in the same folder silently continued the old run.
+    new data in the same folder silently continued the old run. Call it before the run's own config is saved.
     """
     import yaml
 
     from .config import to_dict
 
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     saved = Path(run_dir) / "config.yaml"
-    if latest_checkpoint(run_dir) is None or not saved.exists():
-        return
+    if ckpt is None or not saved.exists():
+        return ckpt
     old = yaml.safe_load(saved.read_text()) or {}
     changed = [f"method: {old['method']!r} → {method!r}"] if old.get("method", method) != method else []
     changed += [f"{k}: {old[k]!r} → {v!r}" for k, v in to_dict(cfg).items()
@@ -119,6 +121,7 @@ def check_resumable(cfg, run_dir: str | Path, method: str, may_change: frozenset
     if changed:
         raise ValueError(f"{saved}: the checkpoints in {saved.parent} were made with another config "
                          f"({'; '.join(changed)}); use a new output_dir, or resume=false to start over there")
+    return ckpt
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import option, save_config
-from ..runs import RunLogger, check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..runs import RunLogger, load_checkpoint, resume_checkpoint, save_checkpoint
 from .data import PickAPicStream
 from .loss import pair_accuracy, preference_loss
 
@@ -200,8 +200,7 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
                               cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     log = RunLogger(run_dir, enabled=accelerator.is_main_process)
-    if cfg.resume:
-        check_resumable(cfg, run_dir, "spm", RESUMABLE_CHANGES)
+    ckpt = resume_checkpoint(cfg, run_dir, "spm", RESUMABLE_CHANGES)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml", method="spm")
 
@@ -215,7 +214,6 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
         optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps))
 
     step, epoch, position = 0, 0, 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         spm.load_state_dict(state["model"])

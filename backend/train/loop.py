@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import config_hash, save_config
-from ..runs import RunLogger, check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..runs import RunLogger, load_checkpoint, resume_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -272,8 +272,7 @@ def train(cfg, method_cls: type[Method], run_stop: StopFlag | None = None) -> di
                               cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     log = RunLogger(run_dir, enabled=main)
-    if cfg.resume:
-        check_resumable(cfg, run_dir, name, RESUMABLE_CHANGES)
+    ckpt = resume_checkpoint(cfg, run_dir, name, RESUMABLE_CHANGES)
     if main:
         save_config(cfg, run_dir / "config.yaml", method=name)
     stop = run_stop or StopFlag(run_dir)
@@ -289,7 +288,6 @@ def train(cfg, method_cls: type[Method], run_stop: StopFlag | None = None) -> di
     sample_prompts = list(cfg.sample_prompts) or method.sample_prompts()
 
     step, round_index, micro, pending = 0, 0, 0, None
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         load_lora_state(model.unet, state["lora"])
