@@ -255,3 +255,77 @@ def test_shrink_latents_area_averages_to_the_spm_size_and_never_enlarges():
     assert out.shape == (2, 4, 8, 12)
     assert torch.allclose(out[1, 2, 3, 5], x[1, 2, 6:8, 10:12].mean())
     assert shrink_latents(x, image_size=224, vae_scale_factor=8) is x  # 24·8 = 192 px < 224: unchanged
+
+
+def test_validation_split_partitions_the_captions_stably(tmp_path):
+    import hashlib
+
+    from spo_studio.backend.preference.data import in_validation
+    from spo_studio.backend.preference.evaluate import load_pairs
+
+    rows = _pair_rows(60)
+    for i, row in enumerate(rows):
+        row["caption"] = f"caption {i % 20}"
+    path = tmp_path / "pairs.parquet"
+    write_pickapic(path, rows)
+    # the rule by hand: SHA-1's first 8 bytes as a fraction of 2^64, below the fraction
+    digest = int.from_bytes(hashlib.sha1(b"caption 3").digest()[:8], "big")
+    assert in_validation("caption 3", 0.3) == (digest / 2**64 < 0.3)
+    val_captions = {f"caption {i}" for i in range(20) if in_validation(f"caption {i}", 0.3)}
+    assert 0 < len(val_captions) < 20
+    train = list(PickAPicStream(path, split="train", val_fraction=0.3))
+    val = list(PickAPicStream(path, split="val", val_fraction=0.3))
+    assert {p.caption for p in val} == val_captions
+    assert not {p.caption for p in train} & val_captions
+    assert len(train) + len(val) == 60
+    # resume positions count the split's own pairs
+    assert list(PickAPicStream(path, split="train", val_fraction=0.3).iter_epoch(0, start=5))[0].caption == \
+        train[5].caption
+    decided = [p for p in val if p.label0 != p.label1]
+    assert [p.caption for p in load_pairs(path, split="val", val_fraction=0.3)] == [p.caption for p in decided]
+    with pytest.raises(ValueError, match="split='val' needs val_fraction > 0"):
+        PickAPicStream(path, split="val")
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        load_config(SPMTrainConfig, None, ["val_fraction=1.0"]).validate()
+
+
+def test_wise_ft_interpolates_every_weight_between_start_and_tuned(small_spm):
+    import copy
+
+    from spo_studio.backend.preference.spm import interpolate_weights
+
+    start = small_spm
+    tuned = copy.deepcopy(start)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    a, b = start.state_dict(), tuned.state_dict()
+    for alpha in (0.0, 0.25, 1.0):
+        mixed = interpolate_weights(start, tuned, alpha).state_dict()
+        worst = max((mixed[k] - ((1 - alpha) * a[k] + alpha * b[k])).abs().max().item() for k in a)
+        assert worst <= 1e-6, (alpha, worst)
+    # α = 0 is the start: identity time conditioning, so the score equals the base scorer's for any t
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    ids = start.tokenize(["a red circle", "a blue square"])
+    zero = interpolate_weights(start, tuned, 0.0)
+    with torch.no_grad():
+        assert torch.allclose(zero(images, ids, torch.tensor([0, 900])), start(images, ids, None), atol=1e-6)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        interpolate_weights(start, tuned, 1.5)
+
+
+def test_training_saves_the_wise_ft_interpolation_and_keeps_trained_checkpoints(tiny_dirs, tiny_spm, tmp_path):
+    data = tmp_path / "pairs.parquet"
+    write_pickapic(data, _pair_rows(12))
+    common = [f"base_model={tiny_dirs['sd15']}", f"init={tiny_spm}", f"train_data={data}", "lr=1e-2",
+              "warmup_steps=1", "batch_size=4", "max_steps=3", "checkpoint_every=3", "shuffle_buffer=0",
+              f"output_dir={tmp_path / 'run'}"]
+    trained = StepAwarePreferenceModel.load(train_spm(load_config(SPMTrainConfig, None, common))).state_dict()
+    init = StepAwarePreferenceModel.load(tiny_spm).state_dict()
+    assert max((trained[k] - init[k]).abs().max().item() for k in init) > 1e-3  # it did learn
+    # the same run with α = 0.5: resumes at its last checkpoint (α may change) and saves the midpoint
+    out = train_spm(load_config(SPMTrainConfig, None, common + ["wise_alpha=0.5"]))
+    mixed = StepAwarePreferenceModel.load(out).state_dict()
+    worst = max((mixed[k] - (init[k] + trained[k]) / 2).abs().max().item() for k in init)
+    assert worst <= 1e-6, worst
+    assert json.loads((out / "spm.json").read_text())["wise_alpha"] == 0.5

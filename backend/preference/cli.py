@@ -37,6 +37,9 @@ def args_eval_spm(p: argparse.ArgumentParser) -> None:
                    help="training parquet: also report accuracy on held-out pairs whose caption it lacks "
                         "(default with the pocket held-out pairs: the pocket training pairs)")
     p.add_argument("--max-pairs", type=int, default=0, help="read at most this many rows (0: all; ties are skipped)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="evaluate on the validation split of --data (default then: the pocket training pairs) "
+                        "that a run trained with the same val_fraction held aside")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latent-decode", action="store_true",
                    help="score the fast preview decode (x̂0 latent shrunk to the SPM's input size, then decoded)")
@@ -52,10 +55,14 @@ def cmd_eval_spm(args) -> int:
     if data is None:
         from ..pocket.preference_data import HELD_OUT_PAIRS, TRAIN_PAIRS
 
-        data, train_data = HELD_OUT_PAIRS, train_data or TRAIN_PAIRS
+        if args.val_fraction > 0:
+            data = TRAIN_PAIRS
+        else:
+            data, train_data = HELD_OUT_PAIRS, train_data or TRAIN_PAIRS
     model = load_model(args.model)
     result = eval_spm(args.spm, args.base_scorer or POCKET_SCORER_DIR, model, data, BUCKETS, args.max_pairs,
-                      seed=args.seed, latent_decode=args.latent_decode, train_data=train_data)
+                      seed=args.seed, latent_decode=args.latent_decode, train_data=train_data,
+                      val_fraction=args.val_fraction)
     write_eval(result, Path(args.out))
     clean = result["clean"]
     print(f"clean   SPM {clean['spm']['accuracy']:.3f} ± {clean['spm']['stderr']:.3f}   "

@@ -9,10 +9,15 @@ file that is not parquet, or lacks a required column, is an error naming the fil
 Order is the file's order, optionally shuffled inside a seeded buffer per epoch; `start` skips
 that many *good* pairs (decoding them, so a bad row is never miscounted), which is what resuming
 mid-epoch needs.
+
+A validation split can be carved from a training file by caption (`split="train"` / `"val"` with
+`val_fraction`): a caption belongs to the validation split when a stable hash of it falls below the
+fraction, so the split is the same in every run and on every machine, and no prompt is in both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections import Counter
@@ -67,6 +72,16 @@ def captions(path: str | Path) -> set[str]:
     return out
 
 
+def in_validation(caption: str, val_fraction: float) -> bool:
+    """Whether a caption belongs to the validation split: the first 8 bytes of its SHA-1, read as a
+    fraction of 2⁶⁴, are below `val_fraction` (stable across runs, processes and machines)."""
+    digest = hashlib.sha1(caption.encode("utf-8")).digest()[:8]
+    return int.from_bytes(digest, "big") / 2**64 < val_fraction
+
+
+SPLITS = ("all", "train", "val")
+
+
 class PickAPicStream:
     """Iterate decoded `Pair`s of a Pick-a-Pic parquet file.
 
@@ -77,10 +92,21 @@ class PickAPicStream:
             rows (0: file order).
         seed (`int`, *optional*, defaults to 0): shuffle seed (combined with the epoch).
         drop_ties (`bool`, *optional*, defaults to False): skip 0.5/0.5 pairs (Diffusion-DPO does).
+        split (`str`, *optional*, defaults to "all"): "train" yields only the pairs whose caption is not in
+            the validation split, "val" only those whose caption is (see `in_validation`), "all" every pair.
+        val_fraction (`float`, *optional*, defaults to 0.0): the share of captions in the validation split.
     """
 
     def __init__(self, path: str | Path, batch_rows: int = 256, shuffle_buffer: int = 0, seed: int = 0,
-                 drop_ties: bool = False):
+                 drop_ties: bool = False, split: str = "all", val_fraction: float = 0.0):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
+        if split == "val" and val_fraction == 0.0:
+            raise ValueError("split='val' needs val_fraction > 0 (an empty validation split)")
+        self.split = split
+        self.val_fraction = val_fraction
         self.path = Path(path)
         self.file = open_parquet(self.path)
         self.batch_rows = batch_rows
@@ -124,6 +150,9 @@ class PickAPicStream:
         """Good pairs of one epoch, skipping the first `start` good ones (resume)."""
         good = 0
         for row in self._rows(epoch):
+            if self.split != "all" and isinstance(row.get("caption"), str):
+                if in_validation(row["caption"], self.val_fraction) != (self.split == "val"):
+                    continue  # the other split's pair: not bad, not counted
             problem = self._check(row)
             if problem:
                 self.stats[problem] += 1

@@ -6,7 +6,8 @@
 `eval_spm` measures pairwise accuracy against held-out crowd labels per timestep bucket
 (t = 0, 250, 500, 750, 950): each pair is noised to t with one shared noise, the base UNet's
 one-step x̂0 (CFG 5) is decoded, and both the SPM (conditioned on t) and the base scorer (no time
-conditioning) score the *same* decoded images. Ties are excluded from accuracy. Given the training file,
+conditioning) score the *same* decoded images. Ties are excluded from accuracy. `bucket_verdicts` does the same for any number of scorers at once
+(e.g. to choose a recipe on a validation split, `bench/spm_wise_ft.py`). Given the training file,
 each row also reports `unseen_prompts`: the accuracies on the pairs whose caption is not in it (held-out
 images are always new; a short prompt grammar makes some held-out captions recur in training).
 """
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 BUCKETS = (0, 250, 500, 750, 950)
 
 
-def _accuracy(correct: list[bool]) -> dict:
+def accuracy_of(correct: list[bool]) -> dict:
     n = len(correct)
     acc = sum(correct) / n if n else float("nan")
     se = math.sqrt(acc * (1 - acc) / n) if n else float("nan")
@@ -52,26 +53,58 @@ def _verdicts(scores: torch.Tensor, truth: list[bool]) -> list[bool]:
     return [bool(a > b) == w for a, b, w in zip(s0, s1, truth)]
 
 
+def load_pairs(data_path, max_pairs: int = 0, split: str = "all", val_fraction: float = 0.0) -> list:
+    """The decided (non-tie) pairs of a Pick-a-Pic file, or of one split of it; `max_pairs`: read at most
+    this many rows of that split (0: all)."""
+    stream = PickAPicStream(data_path, split=split, val_fraction=val_fraction)
+    rows = itertools.islice(stream.iter_epoch(0), max_pairs if max_pairs > 0 else None)
+    return [p for p in rows if p.label0 != p.label1]
+
+
 @torch.no_grad()
+def bucket_verdicts(scorers: dict, base_model, pairs: list, buckets=BUCKETS, batch_size: int = 32,
+                    cfg_scale: float = 5.0, seed: int = 0, decode=None) -> dict[str, dict[str, list[bool]]]:
+    """Per-pair verdicts (higher score = the crowd's choice) of several scorers on the *same* inputs:
+    `scorers` maps a name to (Scorer, step_aware); a step-aware one is told t, the others score with
+    no time conditioning. Rows: "clean" (the images themselves, t = 0) and one per bucket (noised to t
+    with one shared noise, the base UNet's one-step x̂0 at `cfg_scale`, decoded by `decode` or the VAE)."""
+    size = base_model.default_resolution
+    out: dict[str, dict[str, list[bool]]] = {"clean": {name: [] for name in scorers}}
+    for images, prompts, truth in _batches(pairs, size, batch_size):
+        for name, (scorer, step_aware) in scorers.items():
+            out["clean"][name] += _verdicts(scorer.score_images(images, prompts, 0 if step_aware else None), truth)
+    for t_value in buckets:
+        row = out[str(t_value)] = {name: [] for name in scorers}
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + t_value)
+        for images, prompts, truth in _batches(pairs, size, batch_size):
+            t = torch.full((len(prompts),), t_value, dtype=torch.long)
+            x0 = one_step_x0_images(base_model, images.to(base_model.device), prompts, t, gen, cfg_scale,
+                                    decode=decode)
+            for name, (scorer, step_aware) in scorers.items():
+                row[name] += _verdicts(scorer.score_images(x0, prompts, t_value if step_aware else None), truth)
+        logger.info("t=%d  %s", t_value, "  ".join(f"{name} {sum(v) / len(v):.3f}" for name, v in row.items()))
+    return out
+
+
 def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS, max_pairs: int = 0,
              batch_size: int = 32, cfg_scale: float = 5.0, seed: int = 0, latent_decode: bool = False,
-             train_data=None) -> dict:
+             train_data=None, val_fraction: float = 0.0) -> dict:
     """Pairwise accuracy of the SPM (at t) and the base scorer (no t) on the same one-step x̂0 images;
     also on the clean images themselves (`clean`: SPM at t = 0, as SPO scores its final candidates, with
     no VAE encode/decode round trip in between). `max_pairs`: read at most this many rows (0: all);
     `latent_decode`: both see the fast preview decode (`Scorer(latent_decode=True)`) instead of the full one.
-    `train_data`: the training file; adds `unseen_prompts` (pairs whose caption it lacks) to every row."""
+    `train_data`: the training file; adds `unseen_prompts` (pairs whose caption it lacks) to every row.
+    `val_fraction` > 0: evaluate on the validation split of `data_path` (a training file trained with the
+    same `val_fraction`) instead of the whole file."""
     spm = Scorer.from_path(spm_path, base_model, latent_decode=latent_decode)
     base = Scorer.from_path(base_scorer_path, base_model, latent_decode=latent_decode)
-    rows = itertools.islice(PickAPicStream(data_path).iter_epoch(0), max_pairs if max_pairs > 0 else None)
-    pairs = [p for p in rows if p.label0 != p.label1]
-    size = base_model.default_resolution
+    pairs = load_pairs(data_path, max_pairs, "val" if val_fraction > 0 else "all", val_fraction)
     result: dict = {"spm": str(spm_path), "base_scorer": str(base_scorer_path), "data": str(data_path),
                     "cfg_scale": cfg_scale, "seed": seed, "latent_decode": latent_decode, "buckets": {}}
-    spm_correct, base_correct = [], []
-    for images, prompts, truth in _batches(pairs, size, batch_size):
-        spm_correct += _verdicts(spm.score_images(images, prompts, 0), truth)
-        base_correct += _verdicts(base.score_images(images, prompts, None), truth)
+    if val_fraction > 0:
+        result["val_fraction"] = val_fraction
+    verdicts = bucket_verdicts({"spm": (spm, True), "base": (base, False)}, base_model, pairs, buckets, batch_size,
+                               cfg_scale, seed, decode=spm.decode if latent_decode else None)
     unseen = None
     if train_data is not None:
         seen = captions(train_data)
@@ -79,25 +112,15 @@ def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS,
         result["train_data"] = str(train_data)
 
     def row(spm_ok: list[bool], base_ok: list[bool]) -> dict:
-        out = {"spm": _accuracy(spm_ok), "base": _accuracy(base_ok)}
+        out = {"spm": accuracy_of(spm_ok), "base": accuracy_of(base_ok)}
         if unseen is not None:
-            out["unseen_prompts"] = {"spm": _accuracy([ok for ok, u in zip(spm_ok, unseen) if u]),
-                                     "base": _accuracy([ok for ok, u in zip(base_ok, unseen) if u])}
+            out["unseen_prompts"] = {"spm": accuracy_of([ok for ok, u in zip(spm_ok, unseen) if u]),
+                                     "base": accuracy_of([ok for ok, u in zip(base_ok, unseen) if u])}
         return out
 
-    result["clean"] = row(spm_correct, base_correct)
+    result["clean"] = row(verdicts["clean"]["spm"], verdicts["clean"]["base"])
     for t_value in buckets:
-        spm_correct, base_correct = [], []
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + t_value)
-        for images, prompts, truth in _batches(pairs, size, batch_size):
-            t = torch.full((len(prompts),), t_value, dtype=torch.long)
-            x0 = one_step_x0_images(base_model, images.to(base_model.device), prompts, t, gen, cfg_scale,
-                                    decode=spm.decode if latent_decode else None)
-            spm_correct += _verdicts(spm.score_images(x0, prompts, t_value), truth)
-            base_correct += _verdicts(base.score_images(x0, prompts, None), truth)
-        result["buckets"][str(t_value)] = row(spm_correct, base_correct)
-        logger.info("t=%d  spm %.3f  base %.3f  (n=%d)", t_value, result["buckets"][str(t_value)]["spm"]["accuracy"],
-                    result["buckets"][str(t_value)]["base"]["accuracy"], len(spm_correct))
+        result["buckets"][str(t_value)] = row(verdicts[str(t_value)]["spm"], verdicts[str(t_value)]["base"])
     return result
 
 

@@ -207,6 +207,27 @@ class StepAwarePreferenceModel(nn.Module):
         return model.eval()
 
 
+@torch.no_grad()
+def interpolate_weights(start: StepAwarePreferenceModel, tuned: StepAwarePreferenceModel,
+                        alpha: float) -> StepAwarePreferenceModel:
+    """WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models", eq. 1): a copy of `tuned`
+    whose every weight is θ_α = (1 − α)·θ_start + α·θ_tuned. `start` is the model fine-tuning began from
+    (for an SPM: its base scorer with identity time conditioning), so α = 0 is the base scorer, α = 1
+    the fine-tuned SPM, and α in between trades the fine-tune's gains for the start's robustness."""
+    import copy
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"the WiSE-FT alpha must be in [0, 1]; got {alpha}")
+    start_state, tuned_state = start.state_dict(), tuned.state_dict()
+    if start_state.keys() != tuned_state.keys() or any(start_state[k].shape != v.shape for k, v in tuned_state.items()):
+        raise ValueError("WiSE-FT needs two models of the same architecture (the fine-tuned SPM and the scorer it "
+                         "started from)")
+    out = copy.deepcopy(tuned)
+    out.load_state_dict({k: torch.lerp(start_state[k].float(), v.float(), alpha).to(v.dtype)
+                         if v.is_floating_point() else v for k, v in tuned_state.items()})
+    return out
+
+
 def pocket_clip_config(vocab_size: int, bos: int, eos: int, pad: int, max_tokens: int, image_size: int = 32):
     """A small CLIP (≈0.3 M parameters) for the pocket world: hidden 64, 2 layers per tower."""
     from transformers import CLIPConfig

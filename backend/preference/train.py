@@ -33,6 +33,7 @@ from ..config import option, save_config
 from ..runs import RunLogger, load_checkpoint, resume_checkpoint, save_checkpoint
 from .data import PickAPicStream
 from .loss import pair_accuracy, preference_loss
+from .spm import interpolate_weights
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,12 @@ class SPMTrainConfig:
     decode_size: int = option(0, "decode x̂0 then resize to this many pixels before scoring (0: model size)")
     mixed_precision: str = option("no", "accelerate mixed precision: no, fp16 or bf16")
     grad_clip: float = option(1.0, "gradient-norm clipping (0: off)")
+    wise_alpha: float = option(1.0, "WiSE-FT: the saved SPM's weights are (1−α)·start + α·trained, interpolated "
+                                    "between the scorer training started from and the trained one (the "
+                                    "checkpoints keep the trained weights); 1 saves the trained weights")
+    val_fraction: float = option(0.0, "hold aside this share of the training file's captions, with all their pairs, "
+                                      "as a validation split never trained on (a stable hash of the caption picks "
+                                      "them); `spo eval-spm --val-fraction` evaluates on it")
     shuffle_buffer: int = option(1024, "rows in the seeded shuffle buffer of the parquet stream")
     seed: int = option(0, "seed of data order, timesteps and noise")
     checkpoint_every: int = option(500, "save a resumable checkpoint every N steps")
@@ -81,6 +88,10 @@ class SPMTrainConfig:
             raise ValueError(f"need 0 <= t_min <= t_max <= 999; got t_min={self.t_min}, t_max={self.t_max}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
+        if not 0.0 <= self.wise_alpha <= 1.0:
+            raise ValueError(f"wise_alpha must be in [0, 1]; got {self.wise_alpha}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
         if self.lr_schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"lr_schedule must be linear, cosine or constant; got {self.lr_schedule!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
@@ -183,7 +194,7 @@ def rotate_pairs(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
 
 # Keys a resumed run may change: how long it runs and how often it writes, not what it learns.
-RESUMABLE_CHANGES = frozenset({"max_steps", "checkpoint_every", "log_every", "resume"})
+RESUMABLE_CHANGES = frozenset({"max_steps", "checkpoint_every", "log_every", "resume", "wise_alpha"})
 
 
 def train_spm(cfg: SPMTrainConfig) -> Path:
@@ -225,7 +236,8 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
     spm, optimizer, scheduler = accelerator.prepare(spm, optimizer, scheduler)
     raw = accelerator.unwrap_model(spm)
     size = raw.image_size if not cfg.step_aware else (base.default_resolution if base else raw.image_size)
-    stream = PickAPicStream(cfg.train_data, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
+    stream = PickAPicStream(cfg.train_data, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                            split="train" if cfg.val_fraction > 0 else "all", val_fraction=cfg.val_fraction)
     log.event("started", step=step, total=cfg.max_steps)
 
     per_step = cfg.batch_size * world  # pairs consumed per optimizer micro-step, all ranks together
@@ -300,7 +312,13 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
 
     out = run_dir / "spm"
     if accelerator.is_main_process:
-        raw.save(out, extra={"base_model": cfg.base_model, "step_aware": cfg.step_aware, "steps": step})
+        final = raw
+        if cfg.wise_alpha < 1.0:
+            torch.manual_seed(cfg.seed)  # the same start as above (a new scorer's init is seeded)
+            final = interpolate_weights(build_scorer(cfg.init, base).to(accelerator.device), raw, cfg.wise_alpha)
+            logger.info("WiSE-FT: saving (1 - %.2f)·start + %.2f·trained", cfg.wise_alpha, cfg.wise_alpha)
+        final.save(out, extra={"base_model": cfg.base_model, "step_aware": cfg.step_aware, "steps": step,
+                               "wise_alpha": cfg.wise_alpha})
         log.event("finished", step=step, spm=str(out), skipped=dict(stream.stats))
         if stream.stats:
             logger.info("data: %s", dict(stream.stats))
