@@ -1,7 +1,8 @@
 """Choose the SPM's WiSE-FT α on a validation split, never on the held-out pairs.
 
     python bench/spm_wise_ft.py --start runs/val_scorer/spm --tuned runs/val_spm/spm --val-fraction 0.1
-    python bench/spm_wise_ft.py --start backend/pocket/scorer --tuned runs/pocket_spm/spm --data held_out.parquet
+    python bench/spm_wise_ft.py --start runs/val_scorer/spm --tuned runs/val_spm/spm runs/val_spm_s1/spm \
+        --val-fraction 0.1 --alphas 1.0
 
 WiSE-FT (Wortsman et al. 2022) interpolates every weight between the scorer fine-tuning started from
 (α = 0: the base scorer with identity time conditioning) and the fine-tuned SPM (α = 1):
@@ -10,7 +11,9 @@ judge the same decided pairs at every timestep bucket (the `spo eval-spm` pipeli
 base UNet's one-step x̂0 at CFG 5, VAE decode). With `--val-fraction` the pairs are the validation
 split of `--data` (default: the pocket training pairs) that a scorer and SPM trained with the same
 `val_fraction` never saw; the α to ship is the one with the best t = 0 accuracy there among those that
-beat the base scorer at every t ≥ 500. Prints one row per α and writes the table as JSON (`--out`).
+beat the base scorer at every t ≥ 500. Several `--tuned` SPMs (fine-tuned from the same start with
+other seeds) are first averaged uniformly, a model soup (Wortsman et al. 2022, "Model soups"); each
+alone is also scored, as a reference row. Prints one row per model and writes the table as JSON (`--out`).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ def main() -> None:
     from spo_studio.backend.models import load_model
     from spo_studio.backend.preference.evaluate import BUCKETS, accuracy_of, bucket_verdicts, load_pairs
     from spo_studio.backend.preference.scoring import Scorer
-    from spo_studio.backend.preference.spm import StepAwarePreferenceModel, interpolate_weights
+    from spo_studio.backend.preference.spm import StepAwarePreferenceModel, average_weights, interpolate_weights
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--start", required=True, help="the scorer the SPM was fine-tuned from (folder)")
-    parser.add_argument("--tuned", required=True, help="the fine-tuned SPM, trained weights (wise_alpha = 1)")
+    parser.add_argument("--tuned", required=True, nargs="+",
+                        help="the fine-tuned SPM(s), trained weights (wise_alpha = 1); several: their uniform soup")
     parser.add_argument("--data", default=None, help="Pick-a-Pic parquet (default: the pocket training pairs)")
     parser.add_argument("--val-fraction", type=float, default=0.0,
                         help="evaluate the validation split of --data held aside with this val_fraction (0: all)")
@@ -51,8 +55,12 @@ def main() -> None:
     alphas = [float(a) for a in args.alphas.split(",")]
     model = load_model(args.model)
     start = StepAwarePreferenceModel.load(args.start)
-    tuned = StepAwarePreferenceModel.load(args.tuned)
+    singles = [StepAwarePreferenceModel.load(path) for path in args.tuned]
+    tuned = average_weights(singles, [1 / len(singles)] * len(singles)) if len(singles) > 1 else singles[0]
     scorers = {"base": (Scorer(start, model), False)}
+    if len(singles) > 1:
+        for i, single in enumerate(singles):
+            scorers[f"tuned {i}"] = (Scorer(single, model), True)
     for alpha in alphas:
         scorers[f"{alpha:g}"] = (Scorer(interpolate_weights(start, tuned, alpha), model), True)
     pairs = load_pairs(data, args.max_pairs, "val" if args.val_fraction > 0 else "all", args.val_fraction)
@@ -61,10 +69,10 @@ def main() -> None:
 
     table = {row: {name: accuracy_of(v) for name, v in by_name.items()} for row, by_name in verdicts.items()}
     rows = list(table)
-    print(f"{'':>6}" + "".join(f"{r:>8}" for r in rows))
+    print(f"{'':>8}" + "".join(f"{r:>8}" for r in rows))
     for name in scorers:
-        label = "base" if name == "base" else f"α={name}"
-        print(f"{label:>6}" + "".join(f"{table[r][name]['accuracy']:8.3f}" for r in rows))
+        label = name if name == "base" or name.startswith("tuned") else f"α={name}"
+        print(f"{label:>8}" + "".join(f"{table[r][name]['accuracy']:8.3f}" for r in rows))
     eligible = [a for a in alphas
                 if all(table[str(t)][f"{a:g}"]["accuracy"] > table[str(t)]["base"]["accuracy"] for t in (500, 750, 950))]
     choice = max(eligible, key=lambda a: (table["0"][f"{a:g}"]["accuracy"], a)) if eligible else None

@@ -292,7 +292,7 @@ def test_validation_split_partitions_the_captions_stably(tmp_path):
 def test_wise_ft_interpolates_every_weight_between_start_and_tuned(small_spm):
     import copy
 
-    from spo_studio.backend.preference.spm import interpolate_weights
+    from spo_studio.backend.preference.spm import average_weights, interpolate_weights
 
     start = small_spm
     tuned = copy.deepcopy(start)
@@ -312,6 +312,16 @@ def test_wise_ft_interpolates_every_weight_between_start_and_tuned(small_spm):
         assert torch.allclose(zero(images, ids, torch.tensor([0, 900])), start(images, ids, None), atol=1e-6)
     with pytest.raises(ValueError, match="alpha must be in"):
         interpolate_weights(start, tuned, 1.5)
+    # a uniform soup of three: the mean of every weight
+    third = copy.deepcopy(tuned)
+    with torch.no_grad():
+        for p in third.parameters():
+            p.mul_(-2.0)
+    c = third.state_dict()
+    soup = average_weights([start, tuned, third], [1 / 3] * 3).state_dict()
+    assert max((soup[k] - (a[k] + b[k] + c[k]) / 3).abs().max().item() for k in a) <= 1e-6
+    with pytest.raises(ValueError, match="must sum to 1"):
+        average_weights([start, tuned], [0.5, 0.6])
 
 
 def test_training_saves_the_wise_ft_interpolation_and_keeps_trained_checkpoints(tiny_dirs, tiny_spm, tmp_path):

@@ -208,24 +208,35 @@ class StepAwarePreferenceModel(nn.Module):
 
 
 @torch.no_grad()
+def average_weights(models: list[StepAwarePreferenceModel], coefficients: list[float]) -> StepAwarePreferenceModel:
+    """A copy of `models[-1]` whose every weight is Σ_i c_i·θ_i (floating-point tensors; the others are
+    taken from the last model). The models must share one architecture; the coefficients must sum to 1."""
+    import copy
+
+    if len(models) != len(coefficients) or not models:
+        raise ValueError(f"need one coefficient per model; got {len(models)} models, {len(coefficients)} coefficients")
+    if abs(sum(coefficients) - 1.0) > 1e-6:
+        raise ValueError(f"the coefficients must sum to 1; got {coefficients}")
+    states = [m.state_dict() for m in models]
+    last = states[-1]
+    if any(st.keys() != last.keys() or any(st[k].shape != v.shape for k, v in last.items()) for st in states):
+        raise ValueError("averaging weights needs models of one architecture (SPMs fine-tuned from the same scorer, "
+                         "or an SPM and that scorer)")
+    out = copy.deepcopy(models[-1])
+    out.load_state_dict({k: sum(c * st[k].float() for c, st in zip(coefficients, states)).to(v.dtype)
+                         if v.is_floating_point() else v for k, v in last.items()})
+    return out
+
+
 def interpolate_weights(start: StepAwarePreferenceModel, tuned: StepAwarePreferenceModel,
                         alpha: float) -> StepAwarePreferenceModel:
     """WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models", eq. 1): a copy of `tuned`
     whose every weight is θ_α = (1 − α)·θ_start + α·θ_tuned. `start` is the model fine-tuning began from
     (for an SPM: its base scorer with identity time conditioning), so α = 0 is the base scorer, α = 1
     the fine-tuned SPM, and α in between trades the fine-tune's gains for the start's robustness."""
-    import copy
-
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"the WiSE-FT alpha must be in [0, 1]; got {alpha}")
-    start_state, tuned_state = start.state_dict(), tuned.state_dict()
-    if start_state.keys() != tuned_state.keys() or any(start_state[k].shape != v.shape for k, v in tuned_state.items()):
-        raise ValueError("WiSE-FT needs two models of the same architecture (the fine-tuned SPM and the scorer it "
-                         "started from)")
-    out = copy.deepcopy(tuned)
-    out.load_state_dict({k: torch.lerp(start_state[k].float(), v.float(), alpha).to(v.dtype)
-                         if v.is_floating_point() else v for k, v in tuned_state.items()})
-    return out
+    return average_weights([start, tuned], [1.0 - alpha, alpha])
 
 
 def pocket_clip_config(vocab_size: int, bos: int, eos: int, pad: int, max_tokens: int, image_size: int = 32):
