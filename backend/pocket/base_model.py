@@ -44,6 +44,7 @@ class PocketModelConfig:
     seed: int = 0
     # VAE
     vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_latent_channels: int = 4
     vae_steps: int = 1500
     vae_batch: int = 32
     vae_crop: int = 32
@@ -86,7 +87,7 @@ def make_vae(cfg: PocketModelConfig):
 
     n = len(cfg.vae_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=cfg.vae_channels,
+        in_channels=3, out_channels=3, latent_channels=cfg.vae_latent_channels, block_out_channels=cfg.vae_channels,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         layers_per_block=1, norm_num_groups=16, sample_size=cfg.image_size,
     )
