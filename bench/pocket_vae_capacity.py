@@ -1,6 +1,6 @@
 """Diagnostic: would a pocket VAE with more latent channels make the t = 0 round trip less lossy?
 
-    python bench/pocket_vae_capacity.py [--steps 1500] [--channels 4 8] [--pairs 400]
+    python bench/pocket_vae_capacity.py [--steps 1500] [--channels 4 8] [--pairs 0]
 
 The pocket SPM's t = 0 accuracy is capped by the VAE round trip (README, "What limits it"): an
 oracle that knows the crowd's utility gets 0.790 on clean held-out pairs and 0.750 on round-tripped
@@ -50,7 +50,10 @@ def to_arrays(images: torch.Tensor) -> list[np.ndarray]:
 def oracle_accuracy(pairs, images0: list[np.ndarray], images1: list[np.ndarray]) -> float:
     from spo_studio.backend.pocket.preference_data import crowd_utility
 
-    correct = [(crowd_utility(a, p.caption)["utility"] > crowd_utility(b, p.caption)["utility"]) == (p.label0 > p.label1)
+    def utility(image, caption):
+        return crowd_utility(image, caption)["utility"]
+
+    correct = [(utility(a, p.caption) > utility(b, p.caption)) == (p.label0 > p.label1)
                for p, a, b in zip(pairs, images0, images1)]
     return sum(correct) / len(correct)
 
@@ -65,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500, help="VAE training steps per channel count")
     parser.add_argument("--channels", type=int, nargs="+", default=[4, 8], help="latent channel counts")
-    parser.add_argument("--pairs", type=int, default=400, help="held-out rows read for the oracle (ties skipped)")
+    parser.add_argument("--pairs", type=int, default=0, help="held-out rows read for the oracle (0: all; ties skipped)")
     parser.add_argument("--out", default="runs/pocket_vae_capacity.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -73,8 +73,10 @@ def main() -> None:
     for name in scorers:
         label = name if name == "base" or name.startswith("tuned") else f"α={name}"
         print(f"{label:>8}" + "".join(f"{table[r][name]['accuracy']:8.3f}" for r in rows))
-    eligible = [a for a in alphas
-                if all(table[str(t)][f"{a:g}"]["accuracy"] > table[str(t)]["base"]["accuracy"] for t in (500, 750, 950))]
+    def beats_base(name: str, t: int) -> bool:
+        return table[str(t)][name]["accuracy"] > table[str(t)]["base"]["accuracy"]
+
+    eligible = [a for a in alphas if all(beats_base(f"{a:g}", t) for t in (500, 750, 950))]
     choice = max(eligible, key=lambda a: (table["0"][f"{a:g}"]["accuracy"], a)) if eligible else None
     print(f"n = {len(pairs)} pairs; best t = 0 among the α that beat the base at every t ≥ 500: {choice}")
     out = Path(args.out)

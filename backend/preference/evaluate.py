@@ -6,10 +6,11 @@
 `eval_spm` measures pairwise accuracy against held-out crowd labels per timestep bucket
 (t = 0, 250, 500, 750, 950): each pair is noised to t with one shared noise, the base UNet's
 one-step x̂0 (CFG 5) is decoded, and both the SPM (conditioned on t) and the base scorer (no time
-conditioning) score the *same* decoded images. Ties are excluded from accuracy. `bucket_verdicts` does the same for any number of scorers at once
-(e.g. to choose a recipe on a validation split, `bench/spm_wise_ft.py`). Given the training file,
-each row also reports `unseen_prompts`: the accuracies on the pairs whose caption is not in it (held-out
-images are always new; a short prompt grammar makes some held-out captions recur in training).
+conditioning) score the *same* decoded images. Ties are excluded from accuracy. `bucket_verdicts`
+does the same for any number of scorers at once (e.g. to choose a recipe on a validation split,
+`bench/spm_wise_ft.py`). Given the training file, each row also reports `unseen_prompts`: the
+accuracies on the pairs whose caption is not in it (held-out images are always new; a short prompt
+grammar makes some held-out captions recur in training).
 """
 
 from __future__ import annotations
