@@ -257,7 +257,7 @@ def test_shrink_latents_area_averages_to_the_spm_size_and_never_enlarges():
     assert shrink_latents(x, image_size=224, vae_scale_factor=8) is x  # 24·8 = 192 px < 224: unchanged
 
 
-def test_validation_split_partitions_the_captions_stably(tmp_path):
+def test_validation_split_partitions_the_captions_stably(tiny_dirs, tiny_spm, tmp_path):
     import hashlib
 
     from spo_studio.backend.preference.data import in_validation
@@ -283,6 +283,15 @@ def test_validation_split_partitions_the_captions_stably(tmp_path):
         train[5].caption
     decided = [p for p in val if p.label0 != p.label1]
     assert [p.caption for p in load_pairs(path, split="val", val_fraction=0.3)] == [p.caption for p in decided]
+    # `spo eval-spm --val-fraction` evaluates exactly the validation split's decided pairs
+    from spo_studio.backend.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval-spm", "--spm", str(tiny_spm), "--base-scorer", str(tiny_spm), "--model", str(tiny_dirs["sd15"]),
+                 "--data", str(path), "--val-fraction", "0.3", "--out", str(out)]) == 0
+    result = json.loads((out / "spm_eval.json").read_text())
+    assert result["val_fraction"] == 0.3
+    assert result["clean"]["spm"]["n"] == len(decided) == result["buckets"]["950"]["base"]["n"]
     with pytest.raises(ValueError, match="split='val' needs val_fraction > 0"):
         PickAPicStream(path, split="val")
     with pytest.raises(ValueError, match="val_fraction must be in"):
