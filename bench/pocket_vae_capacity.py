@@ -1,10 +1,11 @@
 """Diagnostic: would a pocket VAE with more latent channels make the t = 0 round trip less lossy?
 
-    python bench/pocket_vae_capacity.py [--steps 1500] [--channels 4 8] [--pairs 0]
+    python bench/pocket_vae_capacity.py [--steps 1500] [--channels 4 8] [--blocks 32,64,64] [--pairs 0]
 
 The pocket SPM's t = 0 accuracy is capped by the VAE round trip (README, "What limits it"): an
 oracle that knows the crowd's utility gets 0.790 on clean held-out pairs and 0.750 on round-tripped
-ones. This trains one VAE per latent-channel count with the *same* recipe and budget (`train_vae`:
+ones. This trains one VAE per latent-channel count (and `--blocks`, the latent's side) with the *same*
+recipe and budget (`train_vae`:
 L1 + small KL on 32 px crops; the images a 1 : 1 mix of the pocket model's own samples — the
 training pairs' 3,200 images — and as many world renders), then measures on the held-out pairs'
 images the round-trip L1 (posterior mean; 1/255 is one grey level) and the oracle's pairwise
@@ -68,6 +69,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500, help="VAE training steps per channel count")
     parser.add_argument("--channels", type=int, nargs="+", default=[4, 8], help="latent channel counts")
+    parser.add_argument("--blocks", default="32,64,64",
+                        help="VAE block channels; each block after the first halves the latent's side "
+                             "(shipped: 32,64,64, a 16×16 latent for 64 px)")
     parser.add_argument("--pairs", type=int, default=0, help="held-out rows read for the oracle (0: all; ties skipped)")
     parser.add_argument("--out", default="runs/pocket_vae_capacity.json")
     args = parser.parse_args()
@@ -81,18 +85,20 @@ def main() -> None:
     pairs = load_pairs(HELD_OUT_PAIRS, args.pairs)
     held0 = images_tensor([p.image0 for p in pairs], 64)
     held1 = images_tensor([p.image1 for p in pairs], 64)
-    rows = {"clean": {"oracle": oracle_accuracy(pairs, to_arrays(held0), to_arrays(held1))}}
+    rows: dict = {"clean": {"oracle": oracle_accuracy(pairs, to_arrays(held0), to_arrays(held1))}}
     logger.info("oracle on %d clean held-out pairs: %.3f", len(pairs), rows["clean"]["oracle"])
     for channels in args.channels:
-        cfg = PocketModelConfig(vae_latent_channels=channels, vae_steps=args.steps)
+        blocks = tuple(int(c) for c in args.blocks.split(","))
+        cfg = PocketModelConfig(vae_latent_channels=channels, vae_steps=args.steps, vae_channels=blocks)
         started = time.time()
         vae = train_vae(cfg, train_images)
         seconds = time.time() - started
         l1 = round_trip_l1(vae, torch.cat([held0, held1]))
         acc = oracle_accuracy(pairs, to_arrays(round_trip(vae, held0)), to_arrays(round_trip(vae, held1)))
-        rows[f"{channels} channels"] = {"round_trip_l1": l1, "oracle": acc, "train_seconds": round(seconds)}
-        logger.info("%d channels: round trip L1 %.4f, oracle %.3f (%.0f s)", channels, l1, acc, seconds)
-    print(f"{'':>12} {'round-trip L1':>14} {'oracle':>8}   (n = {len(pairs)} held-out pairs, {args.steps} VAE steps)")
+        side = 64 // 2 ** (len(blocks) - 1)
+        rows[f"{channels}×{side}²"] = {"round_trip_l1": l1, "oracle": acc, "train_seconds": round(seconds)}
+        logger.info("%d×%d² latent: round trip L1 %.4f, oracle %.3f (%.0f s)", channels, side, l1, acc, seconds)
+    print(f"{'latent':>12} {'round-trip L1':>14} {'oracle':>8}   (n = {len(pairs)} held-out pairs, {args.steps} VAE steps)")
     for name, row in rows.items():
         print(f"{name:>12} {row.get('round_trip_l1', float('nan')):14.4f} {row['oracle']:8.3f}")
     out = Path(args.out)
