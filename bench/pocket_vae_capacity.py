@@ -1,6 +1,6 @@
 """Diagnostic: would a pocket VAE with more latent channels make the t = 0 round trip less lossy?
 
-    python bench/pocket_vae_capacity.py [--steps 1500] [--channels 4 8] [--blocks 32,64,64] [--pairs 0]
+    python bench/pocket_vae_capacity.py [--steps 1500] [--channels 4 8] [--blocks 32,64,64] [--grad-weight 0] [--pairs 0]
 
 The pocket SPM's t = 0 accuracy is capped by the VAE round trip (README, "What limits it"): an
 oracle that knows the crowd's utility gets 0.790 on clean held-out pairs and 0.750 on round-tripped
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--blocks", default="32,64,64",
                         help="VAE block channels; each block after the first halves the latent's side "
                              "(shipped: 32,64,64, a 16×16 latent for 64 px)")
+    parser.add_argument("--grad-weight", type=float, default=0.0,
+                        help="add this weight × an L1 loss on image gradients to the VAE's loss (edges, speckle)")
     parser.add_argument("--pairs", type=int, default=0, help="held-out rows read for the oracle (0: all; ties skipped)")
     parser.add_argument("--out", default="runs/pocket_vae_capacity.json")
     args = parser.parse_args()
@@ -89,14 +91,15 @@ def main() -> None:
     logger.info("oracle on %d clean held-out pairs: %.3f", len(pairs), rows["clean"]["oracle"])
     for channels in args.channels:
         blocks = tuple(int(c) for c in args.blocks.split(","))
-        cfg = PocketModelConfig(vae_latent_channels=channels, vae_steps=args.steps, vae_channels=blocks)
+        cfg = PocketModelConfig(vae_latent_channels=channels, vae_steps=args.steps, vae_channels=blocks,
+                                vae_grad_weight=args.grad_weight)
         started = time.time()
         vae = train_vae(cfg, train_images)
         seconds = time.time() - started
         l1 = round_trip_l1(vae, torch.cat([held0, held1]))
         acc = oracle_accuracy(pairs, to_arrays(round_trip(vae, held0)), to_arrays(round_trip(vae, held1)))
         side = 64 // 2 ** (len(blocks) - 1)
-        rows[f"{channels}×{side}²"] = {"round_trip_l1": l1, "oracle": acc, "train_seconds": round(seconds)}
+        rows[f"{channels}×{side}²" + (f" ∇{args.grad_weight:g}" if args.grad_weight else "")] = {"round_trip_l1": l1, "oracle": acc, "train_seconds": round(seconds)}
         logger.info("%d×%d² latent: round trip L1 %.4f, oracle %.3f (%.0f s)", channels, side, l1, acc, seconds)
     print(f"{'latent':>12} {'round-trip L1':>14} {'oracle':>8}   (n = {len(pairs)} held-out pairs, {args.steps} VAE steps)")
     for name, row in rows.items():

@@ -78,3 +78,18 @@ def test_encoder_refit_moves_only_the_encoder_and_lowers_the_round_trip_error():
     assert info["round_trip_l1_after"] == pytest.approx(round_trip_l1(vae, samples))
     assert info["round_trip_l1_after"] < 0.8 * l1_before, info
     assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_gradient_l1_by_hand_and_a_vae_of_other_latent_size():
+    import torch
+    from spo_studio.backend.pocket.base_model import PocketModelConfig, gradient_l1, make_vae
+
+    x = torch.tensor([[[[0.0, 1.0, 3.0], [0.0, 0.0, 0.0]]]])  # [1, 1, 2, 3]
+    y = torch.zeros_like(x)
+    # horizontal differences (1, 2, 0, 0): mean 0.75; vertical (0, 1, 3): mean 4/3
+    assert gradient_l1(x, y).item() == pytest.approx((0.75 + 4 / 3) / 2)
+    assert gradient_l1(y + 5, y).item() == 0.0  # a constant offset has no gradient
+    vae = make_vae(PocketModelConfig(vae_latent_channels=8, vae_channels=(32, 64)))
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert z.shape == (1, 8, 32, 32)

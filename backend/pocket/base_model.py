@@ -50,6 +50,7 @@ class PocketModelConfig:
     vae_crop: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_grad_weight: float = 0.0  # weight of an L1 loss on image gradients (finite differences): keeps edges/speckle
     # UNet + text encoder
     unet_channels: tuple[int, ...] = (64, 128)
     unet_layers_per_block: int = 1
@@ -133,6 +134,13 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p, 1 - decay)
 
 
+def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean |∇x − ∇y| over horizontal and vertical finite differences of images [B, C, H, W]."""
+    dx = F.l1_loss(x[..., :, 1:] - x[..., :, :-1], y[..., :, 1:] - y[..., :, :-1])
+    dy = F.l1_loss(x[..., 1:, :] - x[..., :-1, :], y[..., 1:, :] - y[..., :-1, :])
+    return (dx + dy) / 2
+
+
 def train_vae(cfg: PocketModelConfig, images: torch.Tensor, log_every: int = 100):
     """Train the VAE on random crops of `images` ([N, 3, H, W] in [0, 1]); returns the VAE."""
     torch.manual_seed(cfg.seed)
@@ -151,6 +159,8 @@ def train_vae(cfg: PocketModelConfig, images: torch.Tensor, log_every: int = 100
         posterior = vae.encode(crops).latent_dist
         recon = vae.decode(posterior.sample(gen)).sample
         loss = F.l1_loss(recon, crops) + cfg.vae_kl_weight * posterior.kl().mean()
+        if cfg.vae_grad_weight:
+            loss = loss + cfg.vae_grad_weight * gradient_l1(recon, crops)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
