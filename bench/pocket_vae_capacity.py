@@ -1,6 +1,6 @@
 """Diagnostic: would a pocket VAE with more latent channels make the t = 0 round trip less lossy?
 
-    python bench/pocket_vae_capacity.py [--steps 1500] [--channels 4 8] [--blocks 32,64,64] [--grad-weight 0] [--pairs 0]
+    python bench/pocket_vae_capacity.py [--steps 1500] [--channels 4 8] [--blocks 32,64,64] [--grad-weight 0]
 
 The pocket SPM's t = 0 accuracy is capped by the VAE round trip (README, "What limits it"): an
 oracle that knows the crowd's utility gets 0.790 on clean held-out pairs and 0.750 on round-tripped
@@ -39,11 +39,6 @@ def unique_images(path) -> torch.Tensor:
     return images_tensor(list(unique.values()), 64)
 
 
-@torch.no_grad()
-def round_trip(vae, images: torch.Tensor) -> torch.Tensor:
-    return (vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
-
-
 def to_arrays(images: torch.Tensor) -> list[np.ndarray]:
     return list((images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
 
@@ -60,7 +55,7 @@ def oracle_accuracy(pairs, images0: list[np.ndarray], images1: list[np.ndarray])
 
 
 def main() -> None:
-    from spo_studio.backend.pocket.base_model import PocketModelConfig, round_trip_l1, train_vae
+    from spo_studio.backend.pocket.base_model import PocketModelConfig, round_trip, train_vae
     from spo_studio.backend.pocket.build import world_dataset
     from spo_studio.backend.pocket.preference_data import HELD_OUT_PAIRS, TRAIN_PAIRS
     from spo_studio.backend.preference.evaluate import load_pairs
@@ -74,34 +69,38 @@ def main() -> None:
                              "(shipped: 32,64,64, a 16×16 latent for 64 px)")
     parser.add_argument("--grad-weight", type=float, default=0.0,
                         help="add this weight × an L1 loss on image gradients to the VAE's loss (edges, speckle)")
-    parser.add_argument("--pairs", type=int, default=0, help="held-out rows read for the oracle (0: all; ties skipped)")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="held-out rows read for the oracle (0: all; ties skipped)")
     parser.add_argument("--out", default="runs/pocket_vae_capacity.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     torch.set_num_threads(2)
 
+    size = PocketModelConfig().image_size
+    blocks = tuple(int(c) for c in args.blocks.split(","))
+    side = size // 2 ** (len(blocks) - 1)
     samples = unique_images(TRAIN_PAIRS)
-    renders, _ = world_dataset(len(samples), 2, 64)
+    renders, _ = world_dataset(len(samples), 2, size)
     train_images = torch.cat([samples, renders])
     pairs = load_pairs(HELD_OUT_PAIRS, args.pairs)
-    held0 = images_tensor([p.image0 for p in pairs], 64)
-    held1 = images_tensor([p.image1 for p in pairs], 64)
-    rows: dict = {"clean": {"oracle": oracle_accuracy(pairs, to_arrays(held0), to_arrays(held1))}}
+    held = images_tensor([p.image0 for p in pairs] + [p.image1 for p in pairs], size)  # pairs as rows i, n + i
+    rows: dict = {"clean": {"oracle": oracle_accuracy(pairs, *map(to_arrays, held.chunk(2)))}}
     logger.info("oracle on %d clean held-out pairs: %.3f", len(pairs), rows["clean"]["oracle"])
     for channels in args.channels:
-        blocks = tuple(int(c) for c in args.blocks.split(","))
         cfg = PocketModelConfig(vae_latent_channels=channels, vae_steps=args.steps, vae_channels=blocks,
                                 vae_grad_weight=args.grad_weight)
         started = time.time()
         vae = train_vae(cfg, train_images)
         seconds = time.time() - started
-        l1 = round_trip_l1(vae, torch.cat([held0, held1]))
-        acc = oracle_accuracy(pairs, to_arrays(round_trip(vae, held0)), to_arrays(round_trip(vae, held1)))
-        side = 64 // 2 ** (len(blocks) - 1)
-        rows[f"{channels}×{side}²" + (f" ∇{args.grad_weight:g}" if args.grad_weight else "")] = {"round_trip_l1": l1, "oracle": acc, "train_seconds": round(seconds)}
-        logger.info("%d×%d² latent: round trip L1 %.4f, oracle %.3f (%.0f s)", channels, side, l1, acc, seconds)
-    print(f"{'latent':>12} {'round-trip L1':>14} {'oracle':>8}   (n = {len(pairs)} held-out pairs, {args.steps} VAE steps)")
+        recon = round_trip(vae, held)
+        l1 = (recon - held).abs().mean().item()
+        acc = oracle_accuracy(pairs, *map(to_arrays, recon.chunk(2)))
+        name = f"{channels}×{side}²" + (f" ∇{args.grad_weight:g}" if args.grad_weight else "")
+        rows[name] = {"round_trip_l1": l1, "oracle": acc, "train_seconds": round(seconds)}
+        logger.info("%s latent: round trip L1 %.4f, oracle %.3f (%.0f s)", name, l1, acc, seconds)
+    print(f"{'latent':>12} {'round-trip L1':>14} {'oracle':>8}   "
+          f"(n = {len(pairs)} held-out pairs, {args.steps} VAE steps)")
     for name, row in rows.items():
         print(f"{name:>12} {row.get('round_trip_l1', float('nan')):14.4f} {row['oracle']:8.3f}")
     out = Path(args.out)

@@ -56,14 +56,14 @@ def main() -> None:
     model = load_model(args.model)
     start = StepAwarePreferenceModel.load(args.start)
     singles = [StepAwarePreferenceModel.load(path) for path in args.tuned]
-    tuned = average_weights(singles, [1 / len(singles)] * len(singles)) if len(singles) > 1 else singles[0]
+    tuned = average_weights(singles, [1 / len(singles)] * len(singles))  # one model: a copy of it
     scorers = {"base": (Scorer(start, model), False)}
     if len(singles) > 1:
         for i, single in enumerate(singles):
             scorers[f"tuned {i}"] = (Scorer(single, model), True)
     for alpha in alphas:
         scorers[f"{alpha:g}"] = (Scorer(interpolate_weights(start, tuned, alpha), model), True)
-    pairs = load_pairs(data, args.max_pairs, "val" if args.val_fraction > 0 else "all", args.val_fraction)
+    pairs = load_pairs(data, args.max_pairs, args.val_fraction)
     logger.info("%d decided pairs from %s (val_fraction %g)", len(pairs), data, args.val_fraction)
     verdicts = bucket_verdicts(scorers, model, pairs, BUCKETS)
 
@@ -73,6 +73,7 @@ def main() -> None:
     for name in scorers:
         label = name if name == "base" or name.startswith("tuned") else f"α={name}"
         print(f"{label:>8}" + "".join(f"{table[r][name]['accuracy']:8.3f}" for r in rows))
+
     def beats_base(name: str, t: int) -> bool:
         return table[str(t)][name]["accuracy"] > table[str(t)]["base"]["accuracy"]
 

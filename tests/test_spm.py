@@ -282,7 +282,7 @@ def test_validation_split_partitions_the_captions_stably(tiny_dirs, tiny_spm, tm
     assert list(PickAPicStream(path, split="train", val_fraction=0.3).iter_epoch(0, start=5))[0].caption == \
         train[5].caption
     decided = [p for p in val if p.label0 != p.label1]
-    assert [p.caption for p in load_pairs(path, split="val", val_fraction=0.3)] == [p.caption for p in decided]
+    assert [p.caption for p in load_pairs(path, val_fraction=0.3)] == [p.caption for p in decided]
     # `spo eval-spm --val-fraction` evaluates exactly the validation split's decided pairs
     from spo_studio.backend.cli import main
 

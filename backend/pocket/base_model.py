@@ -216,12 +216,14 @@ def refit_encoder(cfg: PocketModelConfig, vae, samples: torch.Tensor, renders: t
 @torch.no_grad()
 def round_trip_l1(vae, images: torch.Tensor, batch: int = 256) -> float:
     """Mean |decode(mean(encode(x))) − x| over images in [0, 1] (the [0, 1] scale: 1/255 is one grey level)."""
-    total = 0.0
-    for i in range(0, len(images), batch):
-        x = images[i : i + batch]
-        recon = (vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
-        total += (recon - x).abs().mean().item() * len(x)
-    return total / len(images)
+    return (round_trip(vae, images, batch) - images).abs().mean().item()
+
+
+@torch.no_grad()
+def round_trip(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """decode(mean(encode(x))) of images [N, 3, H, W] in [0, 1], batched, clamped to [0, 1]."""
+    return torch.cat([(vae.decode(vae.encode(images[i : i + batch] * 2 - 1).latent_dist.mean).sample / 2 + 0.5)
+                      .clamp(0, 1) for i in range(0, len(images), batch)])
 
 
 @torch.no_grad()

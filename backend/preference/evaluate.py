@@ -54,9 +54,10 @@ def _verdicts(scores: torch.Tensor, truth: list[bool]) -> list[bool]:
     return [bool(a > b) == w for a, b, w in zip(s0, s1, truth)]
 
 
-def load_pairs(data_path, max_pairs: int = 0, split: str = "all", val_fraction: float = 0.0) -> list:
-    """The decided (non-tie) pairs of a Pick-a-Pic file, or of one split of it; `max_pairs`: read at most
-    this many rows of that split (0: all)."""
+def load_pairs(data_path, max_pairs: int = 0, val_fraction: float = 0.0) -> list:
+    """The decided (non-tie) pairs of a Pick-a-Pic file, or with `val_fraction` > 0 of its validation split;
+    `max_pairs`: read at most this many rows of them (0: all)."""
+    split = "val" if val_fraction > 0 else "all"
     stream = PickAPicStream(data_path, split=split, val_fraction=val_fraction)
     rows = itertools.islice(stream.iter_epoch(0), max_pairs if max_pairs > 0 else None)
     return [p for p in rows if p.label0 != p.label1]
@@ -99,7 +100,7 @@ def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS,
     same `val_fraction`) instead of the whole file."""
     spm = Scorer.from_path(spm_path, base_model, latent_decode=latent_decode)
     base = Scorer.from_path(base_scorer_path, base_model, latent_decode=latent_decode)
-    pairs = load_pairs(data_path, max_pairs, "val" if val_fraction > 0 else "all", val_fraction)
+    pairs = load_pairs(data_path, max_pairs, val_fraction)
     result: dict = {"spm": str(spm_path), "base_scorer": str(base_scorer_path), "data": str(data_path),
                     "cfg_scale": cfg_scale, "seed": seed, "latent_decode": latent_decode, "buckets": {}}
     if val_fraction > 0:
