@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from spo_studio.backend.config import load_config
 from spo_studio.backend.preference.data import PickAPicStream, write_pickapic
-from spo_studio.backend.preference.loss import pair_accuracy, preference_loss
+from spo_studio.backend.preference.loss import distillation_targets, pair_accuracy, preference_loss
 from spo_studio.backend.preference.spm import StepAwarePreferenceModel, pocket_clip_config
 from spo_studio.backend.preference.train import SPMTrainConfig, train_spm
 from spo_studio.backend.word_tokenizer import build_word_tokenizer
@@ -73,6 +73,29 @@ def test_loss_equals_hand_computation_with_ties():
     assert preference_loss(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.5])).item() == pytest.approx(0.0, abs=1e-7)
     assert pair_accuracy(s0, s1, l0, l1).item() == pytest.approx(1.0)  # the tie is excluded
 
+
+
+def test_soft_targets_and_distillation_targets_by_hand():
+    # soft target q = (0.8, 0.2) on scores (2, 1): loss = KL(q ‖ softmax(s)) = Σ q·log q − Σ q·log p
+    p0 = 1 / (1 + math.exp(-1.0))
+    hand = 0.8 * math.log(0.8) + 0.2 * math.log(0.2) - 0.8 * math.log(p0) - 0.2 * math.log(1 - p0)
+    assert hand == pytest.approx(0.0128593, abs=1e-6)
+    got = preference_loss(torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0.8]), torch.tensor([0.2]))
+    assert got.item() == pytest.approx(hand, abs=1e-6)
+    # its minimum is 0, where the scorer's probability equals the target
+    logit = math.log(0.8 / 0.2)
+    at_min = preference_loss(torch.tensor([logit]), torch.tensor([0.0]), torch.tensor([0.8]), torch.tensor([0.2]))
+    assert at_min.item() == pytest.approx(0.0, abs=1e-6)
+    # targets: λ = 0.25, crowd (1, 0) / tie, teacher scores (1, 3) → p_teacher = (σ(−2), σ(2))
+    l0, l1 = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.5])
+    q0, q1 = distillation_targets(l0, l1, torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0]), 0.25)
+    sig = 1 / (1 + math.exp(2.0))  # 0.1192029
+    assert q0.tolist() == pytest.approx([0.75 + 0.25 * sig, 0.5], abs=1e-6)
+    assert q1.tolist() == pytest.approx([0.25 * (1 - sig), 0.5], abs=1e-6)
+    same = distillation_targets(l0, l1, torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0]), 0.0)
+    assert torch.equal(same[0], l0) and torch.equal(same[1], l1)
+    with pytest.raises(ValueError, match=r"distillation weight must be in \[0, 1\]; got 1.5"):
+        distillation_targets(l0, l1, l0, l1, 1.5)
 
 def _png(color, size=32):
     buf = io.BytesIO()
@@ -348,3 +371,43 @@ def test_training_saves_the_wise_ft_interpolation_and_keeps_trained_checkpoints(
     worst = max((mixed[k] - (init[k] + trained[k]) / 2).abs().max().item() for k in init)
     assert worst <= 1e-6, worst
     assert json.loads((out / "spm.json").read_text())["wise_alpha"] == 0.5
+
+
+def test_distillation_trains_toward_the_frozen_start_on_the_clean_pair(tiny_dirs, tiny_spm, tmp_path, monkeypatch):
+    from spo_studio.backend.preference import train as train_module
+    from spo_studio.backend.preference.train import images_tensor
+
+    rows = _pair_rows(4)
+    data = tmp_path / "pairs.parquet"
+    write_pickapic(data, rows)
+    seen = []
+    real_loss = train_module.preference_loss
+
+    def spy(s0, s1, q0, q1):
+        seen.append((q0.detach().clone(), q1.detach().clone()))
+        return real_loss(s0, s1, q0, q1)
+
+    monkeypatch.setattr(train_module, "preference_loss", spy)
+    common = [f"base_model={tiny_dirs['sd15']}", f"init={tiny_spm}", f"train_data={data}", "batch_size=4",
+              "max_steps=2", "shuffle_buffer=0", "lr=1e-2", "warmup_steps=1", "distill_weight=0.4",
+              f"output_dir={tmp_path / 'run'}"]
+    train_spm(load_config(SPMTrainConfig, None, common))
+    # the teacher, by hand: the starting scorer on the clean (one-colour, so any size) images, no t
+    start = StepAwarePreferenceModel.load(tiny_spm).eval()
+    images = images_tensor([_decode(r["jpg_0"]) for r in rows] + [_decode(r["jpg_1"]) for r in rows], 16)
+    with torch.no_grad():
+        s = start(images, start.tokenize([r["caption"] for r in rows] * 2), None)
+    p0 = torch.softmax(torch.stack(s.chunk(2), dim=-1), dim=-1)[:, 0]
+    labels = torch.tensor([r["label_0"] for r in rows])
+    for q0, q1 in seen:  # both steps: the teacher is frozen, so the targets stay the same
+        assert torch.allclose(q0, 0.6 * labels + 0.4 * p0, atol=1e-5)
+        assert torch.allclose(q0 + q1, torch.ones(4), atol=1e-6)
+    assert len(seen) == 2 and not torch.allclose(seen[0][0], labels, atol=1e-3)
+    # a scratch init has no teacher, nor has a plain scorer's training
+    for bad in (["init=scratch:pocket"], ["step_aware=false"]):
+        with pytest.raises(ValueError, match="distill_weight > 0 needs step_aware=true and a trained init"):
+            train_spm(load_config(SPMTrainConfig, None, common + bad))
+
+
+def _decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

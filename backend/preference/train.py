@@ -8,7 +8,8 @@ One step (SPO §4.1 and the official SPM trainer): for each pair (x⁰, x¹, cap
   2. z^i = VAE(x^i)·scale, z^i_t = √ᾱ_t·z^i + √(1−ᾱ_t)·ε;
   3. the frozen base UNet's one-step prediction with CFG: x̂0^i = (z^i_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t;
   4. decode x̂0^i (optionally at a lower resolution), score s^i = SPM(decode(x̂0^i), caption, t);
-  5. PickScore's loss with ties on (s⁰, s¹) (`loss.py`).
+  5. PickScore's loss with ties on (s⁰, s¹) (`loss.py`); with `distill_weight` λ > 0 the target mixes the
+     crowd label with the starting scorer's preference on the clean pair (`loss.distillation_targets`).
 With `step_aware=false` the images are scored clean with no time conditioning: that trains the
 base scorer itself (the pocket world's "PickScore"), by the same code.
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from ..config import option, save_config
 from ..runs import RunLogger, load_checkpoint, resume_checkpoint, save_checkpoint
 from .data import PickAPicStream
-from .loss import pair_accuracy, preference_loss
+from .loss import distillation_targets, pair_accuracy, preference_loss
 from .spm import interpolate_weights
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class SPMTrainConfig:
     val_fraction: float = option(0.0, "hold aside this share of the training file's captions, with all their pairs, "
                                       "as a validation split never trained on (a stable hash of the caption picks "
                                       "them); `spo eval-spm --val-fraction` evaluates on it")
+    distill_weight: float = option(0.0, "λ: train toward (1−λ)·crowd label + λ·the starting scorer's preference "
+                                        "on the clean pair (a frozen copy; knowledge distillation, not in the "
+                                        "paper); 0 is the paper's loss")
     shuffle_buffer: int = option(1024, "rows in the seeded shuffle buffer of the parquet stream")
     seed: int = option(0, "seed of data order, timesteps and noise")
     checkpoint_every: int = option(500, "save a resumable checkpoint every N steps")
@@ -90,6 +94,11 @@ class SPMTrainConfig:
             raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
         if not 0.0 <= self.wise_alpha <= 1.0:
             raise ValueError(f"wise_alpha must be in [0, 1]; got {self.wise_alpha}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1]; got {self.distill_weight}")
+        if self.distill_weight > 0 and not (self.step_aware and self.init != "scratch:pocket"):
+            raise ValueError("distill_weight > 0 needs step_aware=true and a trained init to be the teacher; "
+                             f"got step_aware={self.step_aware}, init={self.init!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
         if self.lr_schedule not in ("linear", "cosine", "constant"):
@@ -219,6 +228,9 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
     torch.manual_seed(cfg.seed)  # a new scorer's random init is seeded too
     spm = build_scorer(cfg.init, base)
     spm.train()
+    teacher = None
+    if cfg.distill_weight > 0:  # the scorer training starts from, frozen, judging the clean images
+        teacher = build_scorer(cfg.init, base).to(accelerator.device).eval().requires_grad_(False)
     params = [p for p in spm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -261,6 +273,14 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
                 if cfg.rot90:
                     images = rotate_pairs(images, step_gen)
                 prompts = [p.caption for p in mine]
+                ids = raw.tokenize(prompts * 2).to(accelerator.device)
+                l0 = torch.tensor([p.label0 for p in mine], device=accelerator.device)
+                l1 = torch.tensor([p.label1 for p in mine], device=accelerator.device)
+                q0, q1 = l0, l1
+                if teacher is not None:
+                    with torch.no_grad():
+                        ts0, ts1 = teacher(images.to(accelerator.device), ids, None).float().chunk(2)
+                    q0, q1 = distillation_targets(l0, l1, ts0, ts1, cfg.distill_weight)
                 if cfg.step_aware:
                     t_half = torch.randint(cfg.t_min, cfg.t_max + 1, (len(mine),), generator=step_gen)
                     t = torch.cat([t_half, t_half])
@@ -269,12 +289,9 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
                     t = t.to(accelerator.device)
                 else:
                     t = None
-                ids = raw.tokenize(prompts * 2).to(accelerator.device)
                 scores = spm(images.to(accelerator.device), ids, t)
                 s0, s1 = scores.float().chunk(2)
-                l0 = torch.tensor([p.label0 for p in mine], device=s0.device)
-                l1 = torch.tensor([p.label1 for p in mine], device=s0.device)
-                loss = preference_loss(s0, s1, l0, l1)
+                loss = preference_loss(s0, s1, q0, q1)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and cfg.grad_clip > 0:
