@@ -26,10 +26,14 @@ def args_lora(p: argparse.ArgumentParser) -> None:
     i.add_argument("file", help="LoRA .safetensors (webui/kohya or diffusers/peft)")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    c = sub.add_parser("convert", help="rewrite a LoRA file in webui (ComfyUI/A1111) or diffusers form")
-    c.add_argument("input", help="LoRA .safetensors, either format")
+    c = sub.add_parser("convert", help="rewrite a LoRA file (any layout) in webui (ComfyUI/A1111), diffusers or "
+                                        "diffusers-legacy form")
+    c.add_argument("input", help="LoRA .safetensors in any layout (webui/kohya, diffusers/peft, legacy, "
+                                        "attn-processor)")
     c.add_argument("output", help="output .safetensors")
-    c.add_argument("--to", choices=["webui", "diffusers"], required=True, help="output format")
+    c.add_argument("--to", choices=["webui", "diffusers", "diffusers-legacy"], required=True,
+                   help="output format: webui (ComfyUI/A1111/kohya), diffusers (peft, keeps alpha), or "
+                        "diffusers-legacy (the official SPO LoRAs' layout: lora.down/lora.up, alpha folded in)")
     c.add_argument("--family", choices=["sd15", "sdxl"], default=None,
                    help="the LoRA's family, when the file does not say (default: from metadata and layer names)")
     c.add_argument("--dtype", choices=[*DTYPES, "keep"], default="keep",
@@ -69,7 +73,7 @@ def _read_unet_config(value: str | None) -> dict | None:
 
 
 def _print_info(info: dict) -> None:
-    for key in ("path", "format", "family", "family_evidence", "layers", "rank", "alpha"):
+    for key in ("path", "layout", "family", "family_evidence", "layers", "rank", "alpha"):
         print(f"{key:16s} {info[key]}")
     for component, count in info["components"].items():
         print(f"{component:16s} {count} layers: {', '.join(info['targets'][component])}")

@@ -156,7 +156,8 @@ def lora_tab(studio) -> dict:
                            elem_id="lora-pick")
     with gr.Row():
         info_btn = gr.Button("Info", elem_id="lora-info-btn")
-        to = gr.Radio(choices=["webui", "diffusers"], value="webui", label="Convert to", elem_id="lora-to")
+        to = gr.Radio(choices=["webui", "diffusers", "diffusers-legacy"], value="webui", label="Convert to",
+                      elem_id="lora-to")
         convert_btn = gr.Button("Convert", elem_id="lora-convert-btn")
     with gr.Row():
         base = gr.Dropdown(choices=["pocket"], value="pocket", allow_custom_value=True, label="Merge into base model",
