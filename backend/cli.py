@@ -27,6 +27,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("lora", "lora_cli:cmd_lora", "LoRA files: info, convert webui <-> diffusers, merge into a base model"),
     ("train-spm", "preference.cli:cmd_train_spm", "train the step-aware preference model (SPM)"),
     ("eval-spm", "preference.cli:cmd_eval_spm", "SPM vs base scorer accuracy per timestep bucket"),
+    ("spm", "preference.cli:cmd_spm", "preference-model files: import an official SPO SPM into an SPM folder"),
     ("score", "preference.cli:cmd_score", "sample a trajectory and score every step's x0 with the SPM"),
     ("train", "train.cli:cmd_train", "fine-tune a LoRA with SPO (or Diffusion-DPO / -RPO)"),
     ("eval", "eval_cli:cmd_eval", "evaluate a base model and LoRAs: judges/scorers, report.json, a grid"),

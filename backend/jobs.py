@@ -57,7 +57,7 @@ MAX_PROMPTS = 200_000
 MAX_PROMPT_CHARS = 2000
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 UPLOAD_FIELDS = ("prompts", "train_data")  # config fields a page upload may fill
-MODEL_FIELDS = ("base_model", "spm", "embedding_model")  # 'pocket' or a local folder / file
+MODEL_FIELDS = ("base_model", "spm", "spm_clip", "embedding_model")  # 'pocket' or a local folder / file
 PATH_FIELDS = (*MODEL_FIELDS, "prompts", "train_data")
 
 _SCHEMA = """

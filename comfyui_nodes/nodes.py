@@ -117,7 +117,8 @@ class SPOPreferenceModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("spm_name", options=spm_loader.choices(RUNTIME.spm_folders()),
                                default=spm_loader.POCKET,
-                               tooltip="An SPM folder (spm.json + clip/) or a PickScore/CLIP folder under "
+                               tooltip="An SPM folder (spm.json + clip/), a PickScore/CLIP folder, or an official "
+                                       "SPO .bin/.safetensors (inside or next to its PickScore/CLIP folder) under "
                                        "models/spo_preference; 'pocket (shipped)' is the pocket world's SPM."),
                 io.Combo.Input("decode", options=["full", "fast"], default="full", optional=True,
                                tooltip="How the scoring nodes decode each step's x̂0 for the SPM. full: the "

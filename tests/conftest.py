@@ -34,6 +34,16 @@ def tiny_spm(tiny_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def official(tiny_dirs, tmp_path_factory):
+    """A tiny SPM in the official SPO layout (`tiny_models.save_official_spm`)."""
+    from tiny_models import save_official_spm
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny_dirs["sd15"] / "tokenizer")
+    return save_official_spm(tmp_path_factory.mktemp("official_spm"), tok)
+
+
+@pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("a red circle\na blue square\na green circle\na photo of a cat\n")

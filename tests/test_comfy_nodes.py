@@ -328,6 +328,24 @@ def test_spm_loader_lists_and_loads_folders(tiny_spm, tmp_path):
         spm_loader.load_scorer("nope", [str(root)])
 
 
+def test_spm_loader_lists_and_loads_official_files(official, tmp_path):
+    """An official SPO .bin dropped into models/spo_preference next to its PickScore/CLIP folder."""
+    import shutil
+
+    root = tmp_path / "spo_preference"
+    shutil.copytree(official["clip"], root / "PickScore_v1")
+    (root / "PickScore_v1" / "pytorch_model.bin").write_bytes(b"the CLIP's own weights: not listed")
+    shutil.copy(official["root"] / "sd-v1-5_step-aware_preference_model.bin", root)
+    choices = spm_loader.choices([str(root)])
+    assert choices == [spm_loader.POCKET, "PickScore_v1", "sd-v1-5_step-aware_preference_model.bin"]
+    scorer = spm_loader.load_scorer("sd-v1-5_step-aware_preference_model.bin", [str(root)])
+    assert scorer.spm.preprocess_mode == "official"
+    direct = Scorer.from_path(official["root"] / "sd-v1-5_step-aware_preference_model.bin",
+                              clip_folder=official["clip"])
+    images = torch.rand(2, 3, 16, 16)
+    assert torch.equal(scorer.score_images(images, [PROMPT] * 2, 500), direct.score_images(images, [PROMPT] * 2, 500))
+
+
 def test_pack_imports_without_comfyui():
     code = ("import sys, spo_studio, spo_studio.comfyui_nodes as n\n"
             "from spo_studio.comfyui_nodes import (run, sampling, scoring, render, standalone, lora_loader,\n"

@@ -225,7 +225,6 @@ def test_eval_spm_and_score_commands(tiny_dirs, tiny_spm, tmp_path):
     import json
 
     from PIL import Image
-
     from spo_studio.backend.cli import main
 
     data = tmp_path / "held_out.parquet"

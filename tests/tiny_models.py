@@ -89,3 +89,40 @@ def save_tiny(family: str, out_dir: Path, seed: int = 0) -> Path:
     pipe = tiny_sd15(seed) if family == "sd15" else tiny_sdxl(seed)
     pipe.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def save_official_spm(root: Path, tok, image_size: int = 16) -> dict:
+    """A tiny step-aware preference model in the official SPO release's layout: a CLIP folder
+    (`PickScore_v1/`: config + tokenizer) and beside it the checkpoint as the official code saves it
+    (`model.` + the time-conditioned CLIP's keys), as `.bin` and `.safetensors`."""
+    from safetensors.torch import save_file
+    from spo_studio.backend.preference.spm import pocket_clip_config
+    from transformers import CLIPModel
+
+    config = pocket_clip_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+                                tok.model_max_length, image_size=image_size)
+    torch.manual_seed(0)
+    clip = CLIPModel(config)
+    clip.save_pretrained(root / "PickScore_v1")
+    tok.save_pretrained(root / "PickScore_v1")
+    d, layers = config.vision_config.hidden_size, config.vision_config.num_hidden_layers
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape, std=0.05):
+        return torch.randn(*shape, generator=g) * std
+
+    state = {f"model.{k}": v.clone() for k, v in clip.state_dict().items()}
+    state["model.text_model.embeddings.position_ids"] = torch.arange(tok.model_max_length)[None]  # older transformers
+    state.update({"model.t_embedder.mlp.0.weight": rand(d, 256, std=0.02), "model.t_embedder.mlp.0.bias": rand(d),
+                  "model.t_embedder.mlp.2.weight": rand(d, d, std=0.1), "model.t_embedder.mlp.2.bias": rand(d)})
+    for i in range(layers):
+        bias = rand(6 * d)
+        bias[2 * d: 3 * d] += 1
+        bias[5 * d:] += 1  # gates near 1, as after training from the identity init
+        state[f"model.vision_model.encoder.layers.{i}.adaLN_modulation.1.weight"] = rand(6 * d, d, std=0.2)
+        state[f"model.vision_model.encoder.layers.{i}.adaLN_modulation.1.bias"] = bias
+    state["model.vision_model.adaLN_modulation.1.weight"] = rand(2 * d, d, std=0.2)
+    state["model.vision_model.adaLN_modulation.1.bias"] = rand(2 * d)
+    torch.save(state, root / "sd-v1-5_step-aware_preference_model.bin")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "spm.safetensors"))
+    return {"root": root, "clip": root / "PickScore_v1", "state": state, "config": config, "tok": tok}

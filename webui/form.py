@@ -19,7 +19,7 @@ HIDDEN = ("output_dir", "resume")  # the job store sets these
 CHOICE_FIELDS = {"mixed_precision": ["no", "fp16", "bf16"]}
 SOURCE_FIELDS = ("base_model", "spm", "embedding_model", "prompts", "train_data")  # "pocket" or a local path
 SECTIONS = (
-    ("Model", ("base_model", "spm", "embedding_model"), True),
+    ("Model", ("base_model", "spm", "spm_clip", "embedding_model"), True),
     ("Data", ("prompts", "train_data", "sample_prompts", "prompts_per_round", "pairs_per_round", "shuffle_buffer"),
      True),
     # method-specific fields go here, open

@@ -28,8 +28,16 @@ def cmd_train_spm(args) -> int:
     return 0
 
 
+def add_spm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spm", default="pocket",
+                   help="'pocket', an SPM folder, or an official SPO checkpoint file (.bin / .safetensors)")
+    p.add_argument("--spm-clip", default=None,
+                   help="for an official SPM file: the CLIP folder it was initialised from (PickScore_v1 config + "
+                        "CLIP-ViT-H-14 tokenizer); default: found beside the file")
+
+
 def args_eval_spm(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spm", default="pocket", help="SPM folder or 'pocket'")
+    add_spm_arguments(p)
     p.add_argument("--base-scorer", default=None, help="base scorer folder (default: the pocket scorer)")
     p.add_argument("--model", default="pocket", help="base diffusion model for the one-step x̂0")
     p.add_argument("--data", default=None, help="held-out Pick-a-Pic parquet (default: the pocket held-out pairs)")
@@ -62,7 +70,7 @@ def cmd_eval_spm(args) -> int:
     model = load_model(args.model)
     result = eval_spm(args.spm, args.base_scorer or POCKET_SCORER_DIR, model, data, BUCKETS, args.max_pairs,
                       seed=args.seed, latent_decode=args.latent_decode, train_data=train_data,
-                      val_fraction=args.val_fraction)
+                      val_fraction=args.val_fraction, spm_clip=args.spm_clip)
     write_eval(result, Path(args.out))
     clean = result["clean"]
     print(f"clean   SPM {clean['spm']['accuracy']:.3f} ± {clean['spm']['stderr']:.3f}   "
@@ -81,7 +89,7 @@ def cmd_eval_spm(args) -> int:
 
 def args_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="pocket", help="base model: 'pocket', a folder or a .safetensors file")
-    p.add_argument("--spm", default="pocket", help="SPM folder or 'pocket'")
+    add_spm_arguments(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
@@ -96,9 +104,27 @@ def cmd_score(args) -> int:
     from .scoring import Scorer
 
     model = load_model(args.model)
-    scorer = Scorer.from_path(args.spm, model)
+    scorer = Scorer.from_path(args.spm, model, clip_folder=args.spm_clip)
     result = score_trajectory(model, scorer, args.prompt, args.seed, args.steps, args.cfg, args.eta)
     meta = write_score_outputs(result, Path(args.out))
     print(json.dumps({"timesteps": meta["timesteps"], "scores": [round(s, 3) for s in meta["scores"]]}))
     print(f"wrote {args.out}/scores.json, scores.png, x0_strip.png")
+    return 0
+
+
+def args_spm(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="spm_command", metavar="ACTION", required=True)
+    i = sub.add_parser("import", help="convert an official SPO preference model file into an SPM folder, once")
+    i.add_argument("file", help="the official checkpoint, e.g. sd-v1-5_step-aware_preference_model.bin")
+    i.add_argument("out", help="the SPM folder to write")
+    i.add_argument("--clip", default=None,
+                   help="the CLIP folder it was initialised from (PickScore_v1 config + CLIP-ViT-H-14 tokenizer); "
+                        "default: found beside the file")
+
+
+def cmd_spm(args) -> int:
+    from .official_spm import import_official_spm
+
+    out = import_official_spm(args.file, args.out, args.clip)
+    print(f"wrote {out} (use it as spm: {out})")
     return 0

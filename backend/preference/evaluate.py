@@ -90,15 +90,15 @@ def bucket_verdicts(scorers: dict, base_model, pairs: list, buckets=BUCKETS, bat
 
 def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS, max_pairs: int = 0,
              batch_size: int = 32, cfg_scale: float = 5.0, seed: int = 0, latent_decode: bool = False,
-             train_data=None, val_fraction: float = 0.0) -> dict:
+             train_data=None, val_fraction: float = 0.0, spm_clip=None) -> dict:
     """Pairwise accuracy of the SPM (at t) and the base scorer (no t) on the same one-step x̂0 images;
     also on the clean images themselves (`clean`: SPM at t = 0, as SPO scores its final candidates, with
     no VAE encode/decode round trip in between). `max_pairs`: read at most this many rows (0: all);
     `latent_decode`: both see the fast preview decode (`Scorer(latent_decode=True)`) instead of the full one.
     `train_data`: the training file; adds `unseen_prompts` (pairs whose caption it lacks) to every row.
     `val_fraction` > 0: evaluate on the validation split of `data_path` (a training file trained with the
-    same `val_fraction`) instead of the whole file."""
-    spm = Scorer.from_path(spm_path, base_model, latent_decode=latent_decode)
+    same `val_fraction`) instead of the whole file. `spm_clip`: the CLIP folder of an official SPM file."""
+    spm = Scorer.from_path(spm_path, base_model, clip_folder=spm_clip, latent_decode=latent_decode)
     base = Scorer.from_path(base_scorer_path, base_model, latent_decode=latent_decode)
     pairs = load_pairs(data_path, max_pairs, val_fraction)
     result: dict = {"spm": str(spm_path), "base_scorer": str(base_scorer_path), "data": str(data_path),

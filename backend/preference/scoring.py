@@ -40,7 +40,9 @@ def shrink_latents(latents: torch.Tensor, image_size: int, vae_scale_factor: int
 class Scorer:
     def __init__(self, spm: StepAwarePreferenceModel, base_model=None, device=None, half: bool | None = None,
                  decode_size: int = 0, latent_decode: bool = False):
-        device = torch.device(device) if device is not None else (base_model.device if base_model else torch.device("cpu"))
+        if device is None:
+            device = base_model.device if base_model else "cpu"
+        device = torch.device(device)
         if half is None:
             half = device.type == "cuda"
         dtype = torch.float32
@@ -55,15 +57,17 @@ class Scorer:
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_path(cls, path: str | Path, base_model=None, **kwargs) -> "Scorer":
-        """'pocket' (the shipped pocket SPM), an SPM folder, or a CLIP/PickScore folder."""
+    def from_path(cls, path: str | Path, base_model=None, clip_folder: str | Path | None = None,
+                  **kwargs) -> "Scorer":
+        """'pocket' (the shipped pocket SPM), an SPM folder, a CLIP/PickScore folder, or an official SPO
+        checkpoint file with the CLIP folder it was initialised from (`clip_folder`, or found beside it)."""
         if str(path) == "pocket":
             from .train import POCKET_SPM_DIR
 
             if not (POCKET_SPM_DIR / "spm.json").exists():
                 raise FileNotFoundError(f"{POCKET_SPM_DIR}: the pocket SPM is not built; run `spo pocket build`")
             path = POCKET_SPM_DIR
-        return cls(StepAwarePreferenceModel.load(path), base_model, **kwargs)
+        return cls(StepAwarePreferenceModel.load(path, clip_folder=clip_folder or None), base_model, **kwargs)
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:

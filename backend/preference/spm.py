@@ -17,8 +17,9 @@ the untrained SPM equals its base scorer exactly, for any t. Symbols: β shift, 
 
 The base scorer is a transformers `CLIPModel`: PickScore_v1 / CLIP-H from a local folder for real
 models, or a small CLIP for the pocket world (`pocket_clip_config`). Images arrive as float tensors
-in [0, 1] at any resolution and are resized (bicubic, antialiased) and CLIP-normalised here, in
-torch, so the pipeline runs on the GPU and stays differentiable.
+in [0, 1] at any resolution and are resized (bicubic, antialiased; or as the official code does,
+for an imported official SPM) and CLIP-normalised here, in torch, so the pipeline runs on the GPU
+and stays differentiable.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SPM_FORMAT = "spo-studio-spm/1"
+# how images reach the CLIP resolution: "antialias" (ours: bicubic with antialiasing, to a square) or
+# "official" (the official SPO code: plain bicubic on the shorter side, centre crop, clamp to [0, 1])
+PREPROCESS = ("antialias", "official")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_000.0) -> torch.Tensor:
@@ -76,13 +80,16 @@ class TimeConditioning(nn.Module):
 class StepAwarePreferenceModel(nn.Module):
     """CLIP + time-conditioned adaLN on the vision tower. `score(images, input_ids, t)` → [B]."""
 
-    def __init__(self, clip, tokenizer=None):
+    def __init__(self, clip, tokenizer=None, time: TimeConditioning | None = None, preprocess: str = "antialias"):
         super().__init__()
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be one of {PREPROCESS}; got {preprocess!r}")
         self.clip = clip
         self.tokenizer = tokenizer
         vcfg = clip.config.vision_config
-        self.time = TimeConditioning(vcfg.hidden_size, vcfg.num_hidden_layers)
+        self.time = time if time is not None else TimeConditioning(vcfg.hidden_size, vcfg.num_hidden_layers)
         self.image_size = vcfg.image_size
+        self.preprocess_mode = preprocess
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -92,9 +99,16 @@ class StepAwarePreferenceModel(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W] in [0, 1]; got shape {tuple(images.shape)}")
         x = images.to(self.mean.device, self.mean.dtype)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                              antialias=True)
+        size = self.image_size
+        if self.preprocess_mode == "official":
+            h, w = x.shape[-2:]
+            scale = size / min(h, w)
+            x = F.interpolate(x, size=(int(h * scale + 0.5), int(w * scale + 0.5)), mode="bicubic",
+                              align_corners=False)
+            top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+            x = x[..., top : top + size, left : left + size].clamp(0, 1)
+        elif x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         return (x - self.mean) / self.std
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
@@ -158,7 +172,8 @@ class StepAwarePreferenceModel(nn.Module):
             self.tokenizer.save_pretrained(tmp / "tokenizer")
         state = {k: v.detach().contiguous().cpu() for k, v in self.time.state_dict().items()}
         save_file(state, tmp / "time_conditioning.safetensors", metadata={"format": SPM_FORMAT})
-        meta = {"format": SPM_FORMAT, "freq_dim": self.time.freq_dim, **(extra or {})}
+        meta = {"format": SPM_FORMAT, "freq_dim": self.time.freq_dim, "preprocess": self.preprocess_mode,
+                **(extra or {})}
         (tmp / "spm.json").write_text(json.dumps(meta, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -166,15 +181,25 @@ class StepAwarePreferenceModel(nn.Module):
         return out
 
     @classmethod
-    def load(cls, path: str | Path, device=None, dtype=torch.float32) -> "StepAwarePreferenceModel":
-        """Load an SPM folder written by `save`, or initialise an SPM from a plain CLIP folder
-        (e.g. PickScore_v1; then the tokenizer comes from the same folder or its `tokenizer/`)."""
+    def load(cls, path: str | Path, device=None, dtype=torch.float32,
+             clip_folder: str | Path | None = None) -> "StepAwarePreferenceModel":
+        """Load an SPM folder written by `save`; initialise an SPM from a plain CLIP folder (e.g.
+        PickScore_v1; then the tokenizer comes from the same folder or its `tokenizer/`); or read an
+        official SPO checkpoint file (.bin / .safetensors) with the CLIP folder it was initialised
+        from (`clip_folder`, or found beside the file; see `official_spm`)."""
         from safetensors.torch import load_file
-        from transformers import CLIPModel, CLIPTokenizer
+        from transformers import CLIPModel
+
+        from .official_spm import is_checkpoint_file, load_official_spm
 
         path = Path(path).expanduser()
+        if is_checkpoint_file(path):
+            return load_official_spm(path, clip_folder, dtype=dtype, device=device)
+        if clip_folder:
+            raise ValueError(f"{path}: a CLIP folder is only needed with an official SPM checkpoint file "
+                             f"(.bin / .safetensors), not with a preference model folder")
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no such preference model folder")
+            raise FileNotFoundError(f"{path}: no such preference model folder or file")
         spm_json = path / "spm.json"
         clip_dir = path / "clip" if spm_json.exists() else path
         if not (clip_dir / "config.json").exists():
@@ -184,16 +209,12 @@ class StepAwarePreferenceModel(nn.Module):
             clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True, torch_dtype=dtype)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{clip_dir}: cannot load the CLIP model ({exc})") from exc
-        tokenizer = None
-        for tok_dir in (path / "tokenizer", clip_dir, clip_dir / "tokenizer"):
-            if any((tok_dir / f).exists() for f in ("vocab.json", "tokenizer.json")):
-                tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-                break
-        model = cls(clip, tokenizer)
+        tokenizer = find_tokenizer(path / "tokenizer", clip_dir, clip_dir / "tokenizer")
+        meta = json.loads(spm_json.read_text()) if spm_json.exists() else {}
+        if spm_json.exists() and meta.get("format") != SPM_FORMAT:
+            raise ValueError(f"{spm_json}: unknown format {meta.get('format')!r}; expected {SPM_FORMAT!r}")
+        model = cls(clip, tokenizer, preprocess=meta.get("preprocess", "antialias"))
         if spm_json.exists():
-            meta = json.loads(spm_json.read_text())
-            if meta.get("format") != SPM_FORMAT:
-                raise ValueError(f"{spm_json}: unknown format {meta.get('format')!r}; expected {SPM_FORMAT!r}")
             state = load_file(path / "time_conditioning.safetensors")
             missing, unexpected = model.time.load_state_dict(state, strict=False)
             if missing or unexpected:
@@ -205,6 +226,16 @@ class StepAwarePreferenceModel(nn.Module):
         if device is not None:
             model.to(device)
         return model.eval()
+
+
+def find_tokenizer(*folders: Path):
+    """The CLIP tokenizer of the first folder holding tokenizer files (vocab.json or tokenizer.json), or None."""
+    from transformers import CLIPTokenizer
+
+    for folder in folders:
+        if any((folder / f).exists() for f in ("vocab.json", "tokenizer.json")):
+            return CLIPTokenizer.from_pretrained(folder)
+    return None
 
 
 @torch.no_grad()

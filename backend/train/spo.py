@@ -48,7 +48,10 @@ class SPOConfig(TrainConfig):
     """SPO fine-tuning; defaults are the paper's SD1.5 settings (official `basic_config.py`)."""
 
     output_dir: str = option("runs/spo", "run folder: config, metrics, checkpoints, LoRA files, samples")
-    spm: str = option("pocket", "step-aware preference model: 'pocket' or an SPM folder")
+    spm: str = option("pocket", "step-aware preference model: 'pocket', an SPM folder, or an official SPO "
+                                "checkpoint file (.bin / .safetensors)")
+    spm_clip: str = option("", "for an official SPM checkpoint file: the CLIP folder it was initialised from "
+                               "(PickScore_v1 config + CLIP-ViT-H-14 tokenizer); empty: found beside the file")
     prompts: str = option("pocket", "training prompts: 'pocket' (the pocket training prompts) or a .txt "
                                     "(one per line) / .json (list of strings) file")
     num_steps: int = option(20, "DDIM sampling steps of a rollout")
@@ -260,7 +263,8 @@ class SPOMethod(Method):
         from .loop import load_prompts
 
         super().__init__(cfg, model, accelerator)
-        self.scorer = Scorer.from_path(cfg.spm, model, decode_size=cfg.decode_size, latent_decode=cfg.fast_decode)
+        self.scorer = Scorer.from_path(cfg.spm, model, clip_folder=cfg.spm_clip, decode_size=cfg.decode_size,
+                                       latent_decode=cfg.fast_decode)
         self.prompts = load_prompts(cfg.prompts)
         self.world = accelerator.num_processes
         self.per_round = cfg.prompts_per_round * self.world
