@@ -44,6 +44,8 @@ pytestmark = [
 CKPT = "spo_tiny_sd15.safetensors"
 LORA_WEBUI = "spo_tiny_lora_webui.safetensors"
 LORA_DIFFUSERS = "spo_tiny_lora_diffusers.safetensors"
+LORA_OFFICIAL = "spo_tiny_lora_official_layout.safetensors"  # unet.<path>.lora.down.weight, as the SPO release
+OFFICIAL_SPM = "official/sd-v1-5_step-aware_preference_model.bin"
 SPM = "spo_tiny_spm"
 TORCHVISION_STUB = '''"""Test-only (tests/test_comfyui_e2e.py): ComfyUI imports torchvision at start-up, SD1.5 never
 uses it, and no torchvision works with the CPU torch here. A stand-in module that fails when used is
@@ -109,8 +111,11 @@ except Exception:
 
 
 def build_assets(root: Path) -> None:
-    """Checkpoint, LoRA (both formats) and SPM under root/models, plus the pack under root/custom_nodes."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """Checkpoint, LoRAs (our two formats, the official SPO layout) and SPMs (ours, an official file beside
+    its CLIP folder) under root/models, plus the pack under root/custom_nodes."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
     from spo_studio.backend import lora
     from spo_studio.backend.checkpoint_io import save_single_file
     from spo_studio.backend.model_configs import config_dir
@@ -138,6 +143,12 @@ def build_assets(root: Path) -> None:
     weights = lora.extract_lora(unet, [text_encoder], family="sd15")
     lora.save_lora(weights, models / "loras" / LORA_WEBUI, format="webui")
     lora.save_lora(weights, models / "loras" / LORA_DIFFUSERS, format="diffusers")
+    # the official SPO LoRAs' layout, written by diffusers' own converter and saver as the SPO code does
+    official = models / "loras" / "official"
+    StableDiffusionPipeline.save_lora_weights(
+        official, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    (official / "pytorch_lora_weights.safetensors").rename(models / "loras" / LORA_OFFICIAL)
+    official.rmdir()
 
     tok = CLIPTokenizer.from_pretrained(cfg / "tokenizer")
     clip_config: CLIPConfig = pocket_clip_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
@@ -147,6 +158,10 @@ def build_assets(root: Path) -> None:
         for p in spm.time.parameters():
             p.add_(0.05 * torch.randn_like(p))
     spm.save(models / "spo_preference" / SPM)
+    from tiny_models import save_official_spm
+
+    (models / "spo_preference" / "official").mkdir()
+    save_official_spm(models / "spo_preference" / "official", tok, image_size=32)
 
     (root / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (root / "custom_nodes" / "ComfyUI-SPO").symlink_to(ROOT, target_is_directory=True)
@@ -375,3 +390,35 @@ def test_no_lora_key_warnings(server):
     assert "NOT LOADED" not in log
     assert "SPO LoRA Loader" in log  # our loader did run
     assert "IMPORT FAILED" not in "\n".join(ln for ln in log.splitlines() if "SPO" in ln)
+
+
+def test_official_layout_lora_through_spo_loader(server):
+    """The official SPO LoRA layout in the SPO LoRA Loader: every key loaded, and it changes the image."""
+    prompt = load_api_workflow("spo_lora_compare")
+    loaders = {prompt[i]["inputs"]["lora_name"]: i for i in _by_class(prompt, "SPOLoraLoader")}
+    full, zero = loaders[LORA_WEBUI], loaders[LORA_DIFFUSERS]
+    for node_id in (full, zero):
+        prompt[node_id]["inputs"]["lora_name"] = LORA_OFFICIAL
+    prompt[zero]["inputs"].update(strength_model=0.0, strength_clip=0.0)
+    start = len(server.log_text())
+    entry = server.run_prompt(prompt)
+    by_prefix = {prompt[i]["inputs"]["filename_prefix"].rsplit("_", 1)[-1]: server.view(_images(entry, i)[0])
+                 for i in _by_class(prompt, "SaveImage")}
+    assert by_prefix["webui"] != by_prefix["diffusers"], "the official-layout LoRA at strength 1 changed nothing"
+    assert by_prefix["diffusers"] == by_prefix["base"], "at strength 0 the image is the base image"
+    log = server.log_text()[start:]
+    assert "lora key not loaded" not in log and LORA_OFFICIAL in log
+
+
+def test_official_spm_file_in_the_preference_loader(server):
+    """An official SPO .bin dropped into models/spo_preference beside its CLIP folder scores every step."""
+    info = server.get("/object_info/SPOPreferenceModelLoader")
+    assert OFFICIAL_SPM in info["SPOPreferenceModelLoader"]["input"]["required"]["spm_name"][1]["options"]
+    prompt = load_api_workflow("spo_score_generation")
+    for node_id in _by_class(prompt, "SPOPreferenceModelLoader"):
+        prompt[node_id]["inputs"]["spm_name"] = OFFICIAL_SPM
+    entry = server.run_prompt(prompt)
+    for node_id in _by_class(prompt, "SPOStepScorer"):
+        trace = entry["outputs"][node_id]["spo_trace"][0]
+        assert len(trace["scores"]) == prompt[node_id]["inputs"]["steps"]
+        assert all(math.isfinite(s[0]) for s in trace["scores"])

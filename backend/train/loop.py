@@ -155,7 +155,7 @@ def save_lora_files(unet, run_dir: Path, name: str, family: str, provenance: dic
 
     weights = lora_io.extract_lora(unet, family=family)
     out = {}
-    for fmt in lora_io.FORMATS:
+    for fmt in ("webui", "diffusers"):  # the official layout (diffusers-legacy) is written on request only
         path = run_dir / "lora" / f"{name}_{fmt}.safetensors"
         out[fmt] = str(lora_io.save_lora(weights, path, format=fmt, provenance=provenance))
     return out
