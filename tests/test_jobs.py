@@ -71,6 +71,9 @@ def worker_env(monkeypatch):
 def store(tmp_path, worker_env):
     s = JobStore(tmp_path / "runs", devices=["cpu"])
     yield s
+    for job in s.list(reconcile=False):  # cancel what waits: the queue's watchdog would start it
+        if job.status == "queued":
+            s.stop(job.id)
     for job in s.list(reconcile=False):  # leave no runner behind
         if job.active:
             jobs._signal_group(job.trainer_pid, signal.SIGKILL)
