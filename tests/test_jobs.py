@@ -92,7 +92,7 @@ def test_submit_validates_config_and_uploads_before_queueing(store, tmp_path, jo
         store.submit("ppo", {})
     with pytest.raises(JobError, match="unknown key.*'pool_sise'"):
         store.submit("spo", {"pool_sise": 4})
-    with pytest.raises(JobError, match="pool_size must be >= 2"):
+    with pytest.raises(JobError, match=r"pool_size must lie in \[2, 64\]"):
         store.submit("spo", {"pool_size": 1})
     with pytest.raises(JobError, match="base_model: .*nowhere: no such folder or file"):
         store.submit("spo", {"base_model": str(tmp_path / "nowhere")})
