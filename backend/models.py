@@ -341,8 +341,13 @@ def unet_linear_shapes(source: str | Path) -> dict[str, tuple[int, ...]]:
     config = {k: v for k, v in _read_json(config_file).items() if not k.startswith("_")}
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-    return {name: (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else (m.in_channels, m.out_channels)
-            for name, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    shapes = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            shapes[name] = (m.in_features, m.out_features)
+        elif isinstance(m, torch.nn.Conv2d):
+            shapes[name] = (m.in_channels, m.out_channels)
+    return shapes
 
 
 # ----------------------------------------------------------------------------------------------

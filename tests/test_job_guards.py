@@ -5,8 +5,8 @@ Values go through the entry points a user takes: `spo train --config FILE` (the 
 the page and scripts call); both refuse a value with the same message naming the field."""
 
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path

@@ -243,7 +243,8 @@ def test_uploads_leave_the_temp_folder_and_messages_name_no_server_path(page, bu
     bad.write_text("[1, 2")
     with pytest.raises(AppError) as refused:
         call(client, "/check_upload", "spo", handle_file(str(bad)))
-    assert f"broken-{tag}.json: not valid JSON" in str(refused.value) and str(upload_folder()) not in str(refused.value)
+    said = str(refused.value)
+    assert f"broken-{tag}.json: not valid JSON" in said and str(upload_folder()) not in said
     assert _in_upload_folder(bad.name) == []  # a rejected upload is removed at once
 
     garbage = tmp_path / f"garbage-{tag}.safetensors"
