@@ -40,6 +40,17 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
 
+def _file_mode() -> int:
+    """0666 less the process umask: the mode `open(..., "w")` gives a new file."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
@@ -54,6 +65,7 @@ def save_safetensors_atomic(
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, _file_mode())  # safetensors creates 0600; give the mode every other file of a run gets
         os.replace(tmp, path)
     finally:
         if tmp.exists():

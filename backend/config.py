@@ -101,10 +101,12 @@ def _coerce(value: Any, tp, where: str) -> Any:
 def from_dict(cls, data: dict, source: str = "config"):
     """Build `cls` from a dict; unknown keys are an error that lists the valid ones."""
     data = dict(data)
-    version = data.pop("config_version", CONFIG_VERSION)
+    version = _coerce(data.pop("config_version", CONFIG_VERSION), int, f"{source}: config_version")
     data.pop("method", None)
     if version > CONFIG_VERSION:
         raise ValueError(f"{source}: config_version {version} is newer than this SPO Studio ({CONFIG_VERSION})")
+    if version < 1:
+        raise ValueError(f"{source}: config_version must be >= 1; got {version}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -6,14 +6,15 @@
 
     python -m spo_studio.backend.jobs worker runs/jobs.db 7    # what `dispatch` spawns, detached
 
-The contract between trainer and page is files and SQLite, never memory (DESIGN §7):
+The contract between trainer and page is files and SQLite, never memory:
   * `submit` validates the config with the method's dataclass (`train.cli.METHODS`), writes
     `<run>/job.yaml` and a `queued` row. `dispatch` starts queued jobs in FIFO order, one job per GPU
     (one at a time on a CPU machine); the head of the queue waits for its GPUs, nothing jumps it.
   * A job runs as a *supervisor* process in its own session (so it outlives the page and an app
     restart) that starts the trainer (`spo train --config job.yaml`, or `accelerate launch` for
     several GPUs), tails its `metrics.jsonl` / `events.jsonl` into the `metrics` and `images`
-    tables, beats a heartbeat, and writes the final status. When it ends it dispatches the next job.
+    tables, beats a heartbeat, and writes the final status. When it ends it dispatches the next job;
+    a watchdog (`job_queue.py`) does it for a supervisor that was killed, so no job waits for a page.
   * Stop = a `STOP` file in the run folder (the trainer ends the step and writes a final
     checkpoint), then SIGINT after `SIGINT_AFTER` seconds, then SIGKILL after the job's grace period.
     The supervisor runs that escalation, so it happens with no page open.
@@ -38,8 +39,19 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
+
+from .job_queue import (  # noqa: F401 (process_alive and the helpers are part of this module's names)
+    _detach_kwargs,
+    _die_with_parent,
+    _process_started,
+    _signal_group,
+    process_alive,
+    start_watchdog,
+    trainer_exit_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +67,7 @@ MAX_PROMPTS_BYTES = 20 * 2**20  # an uploaded .txt / .json prompt list
 MAX_PARQUET_BYTES = 2 * 2**30  # an uploaded parquet (prompts or Pick-a-Pic pairs)
 MAX_PROMPTS = 200_000
 MAX_PROMPT_CHARS = 2000
+MAX_NAME_CHARS = 100
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 UPLOAD_FIELDS = ("prompts", "train_data")  # config fields a page upload may fill
 MODEL_FIELDS = ("base_model", "spm", "spm_clip", "embedding_model")  # 'pocket' or a local folder / file
@@ -328,6 +341,17 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_job_name(name: str | None) -> str:
+    """A job name as given, stripped; refused when too long or holding control characters ("" = a default)."""
+    name = (name or "").strip()
+    if len(name) > MAX_NAME_CHARS:
+        raise JobError(f"name: at most {MAX_NAME_CHARS} characters; got {len(name)}")
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+    if bad is not None:
+        raise JobError(f"name: control character {bad!r} is not allowed")
+    return name
+
+
 def _check_model_source(field: str, value: str) -> None:
     if value != "pocket" and not Path(value).expanduser().exists():
         raise JobError(f"{field}: {value}: no such folder or file (use 'pocket' or a local path)")
@@ -336,64 +360,6 @@ def _check_model_source(field: str, value: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Processes
 # ----------------------------------------------------------------------------------------------
-
-
-def _process_started(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:
-        return None
-
-
-def process_alive(pid: int | None, started: float | None = None) -> bool:
-    """True if `pid` runs (not a zombie) and, when `started` is given, is the process that began then."""
-    if not pid:
-        return False
-    try:
-        import psutil
-
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return started is None or abs(proc.create_time() - started) < 1.0
-    except ImportError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
-    except Exception:  # NoSuchProcess, AccessDenied
-        return False
-
-
-def _signal_group(pid: int | None, sig: int) -> None:
-    """Send `sig` to the process group led by `pid` (the trainer and, under accelerate, its ranks)."""
-    if not pid:
-        return
-    try:
-        if hasattr(os, "killpg"):
-            os.killpg(pid, sig)
-        else:  # Windows: no groups; SIGINT is not deliverable, so anything but a kill becomes terminate
-            os.kill(pid, sig if sig == signal.SIGINT else signal.SIGTERM)
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
-
-
-def _detach_kwargs() -> dict:
-    if os.name == "nt":
-        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "DETACHED_PROCESS", 0)}
-    return {"start_new_session": True}
-
-
-def _die_with_parent() -> None:  # runs in the trainer child before exec (Linux): SIGKILL when the supervisor dies
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
@@ -576,7 +542,8 @@ class JobStore:
         from .config import from_dict, save_config
 
         cls = config_class(method)
-        values = {k: v for k, v in dict(values or {}).items() if k not in ("method", "config_version")}
+        values = {k: v for k, v in dict(values or {}).items() if k != "method"}
+        name = check_job_name(name)
         uploads = {k: Path(v) for k, v in (uploads or {}).items() if v}
         field_names = {f.name for f in dataclasses.fields(cls)}
         for field in uploads:
@@ -614,8 +581,12 @@ class JobStore:
             read_prompt_list(cfg.prompts)
         if "train_data" in field_names and "train_data" not in uploads and cfg.train_data != "pocket":
             check_pickapic(cfg.train_data)
+        try:
+            cfg.check_model()
+        except ValueError as exc:  # ModelLoadError included
+            raise JobError(str(exc)) from exc
 
-        name = (name or "").strip() or f"{method.upper()} on {Path(str(getattr(cfg, 'base_model', 'model'))).name}"
+        name = name or f"{method.upper()} on {Path(str(getattr(cfg, 'base_model', 'model'))).name}"
         now = time.time()
         with self._tx() as db:
             seq = db.execute("SELECT COALESCE(MAX(queue_seq), 0) + 1 FROM jobs").fetchone()[0]
@@ -677,18 +648,35 @@ class JobStore:
         self.dispatch()
         return self.get(job.id)
 
-    def delete(self, job_id: int) -> None:
-        """Remove a job that is not running: its rows and its run folder (only inside the runs folder)."""
+    def delete(self, job_id: int) -> str | None:
+        """Remove a job that is not running: its run folder (only inside the runs folder), then its rows.
+
+        A folder that cannot be removed completely keeps the job (delete it again once it can be) and is
+        a JobError naming what is left; a folder outside the runs folder is left in place, which the
+        returned note says (None when everything went)."""
         job = self.get(job_id)
         if job.active:
             raise JobError(f"job {job.id} is {job.status}; stop it before deleting it")
+        run_dir = Path(job.run_dir).resolve() if job.run_dir else None
+        note = None
+        if run_dir and run_dir.exists():
+            if not run_dir.is_relative_to(self.runs_dir) or run_dir == self.runs_dir:
+                note = f"its run folder {run_dir} lies outside the runs folder {self.runs_dir}: left in place"
+            else:
+                failures: list[str] = []
+                if sys.version_info >= (3, 12):
+                    shutil.rmtree(run_dir, onexc=lambda _fn, path, exc: failures.append(f"{path}: {exc}"))
+                else:
+                    shutil.rmtree(run_dir, onerror=lambda _fn, path, info: failures.append(f"{path}: {info[1]}"))
+                if failures or run_dir.exists():
+                    detail = failures[0] if failures else f"{run_dir} still exists"
+                    raise JobError(f"job {job.id}: could not remove {max(1, len(failures))} item(s) of its run "
+                                   f"folder (first: {detail}); the job is kept, delete it again once it can go")
         with self._tx() as db:
             for table, key in (("metrics", "job_id"), ("images", "job_id"), ("jobs", "id")):
                 db.execute(f"DELETE FROM {table} WHERE {key} = ?", (job.id,))  # noqa: S608 (fixed names)
-        run_dir = Path(job.run_dir).resolve() if job.run_dir else None
-        if run_dir and run_dir.is_dir() and run_dir.is_relative_to(self.runs_dir) and run_dir != self.runs_dir:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        logger.info("deleted job %d", job.id)
+        logger.info("deleted job %d%s", job.id, f" ({note})" if note else "")
+        return note
 
     # -- the queue ------------------------------------------------------------------------------------
 
@@ -752,6 +740,8 @@ class JobStore:
                 started.append(job.id)
         for job_id in started:
             logger.info("started job %d", job_id)
+        if started:
+            start_watchdog(self.db_path)
         return started
 
     def _spawn(self, job: Job, devices: list[str]) -> subprocess.Popen:
@@ -942,7 +932,7 @@ def run_worker(db_path: str | Path, job_id: int) -> int:
     else:
         status, error = "failed", log_tail(run_dir / "log.txt")
         last_line = error.splitlines()[-1] if error else "no output"
-        message = f"the trainer exited with code {rc}: {last_line}"
+        message = f"{trainer_exit_text(rc)}: {last_line}"
     store._update(job.id, status=status, message=message, error_tail=error, ended=time.time(), heartbeat=time.time(),
                   trainer_pid=None)
     logger.info("job %d %s (%s)", job.id, status, message)

@@ -322,6 +322,34 @@ def detect_family(source: str | Path) -> str:
     return detect_folder_family(path) if path.is_dir() else detect_file_family(path)
 
 
+def unet_linear_shapes(source: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name → (in, out) width of every Linear / 1x1-or-larger Conv layer of a base model's UNet, built
+    from its config on the meta device (no weights are read): what LoRA targets and ranks are checked
+    against before a job is queued."""
+    from diffusers import UNet2DConditionModel
+
+    if str(source) == "pocket":
+        source = POCKET_DIR
+    path = Path(source).expanduser()
+    family = detect_family(path)
+    if path.is_dir():
+        config_file = path / "unet" / "config.json"
+    else:
+        from .model_configs import config_dir
+
+        config_file = config_dir(family) / "unet" / "config.json"
+    config = {k: v for k, v in _read_json(config_file).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    shapes = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            shapes[name] = (m.in_features, m.out_features)
+        elif isinstance(m, torch.nn.Conv2d):
+            shapes[name] = (m.in_channels, m.out_channels)
+    return shapes
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------

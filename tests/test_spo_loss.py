@@ -102,7 +102,7 @@ def test_tensor_step_math_matches_scalar_version():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="pool_size must be >= 2"):
+    with pytest.raises(ValueError, match=r"pool_size must lie in \[2, 64\]"):
         SPOConfig(pool_size=1).validate()
     with pytest.raises(ValueError, match="SPO needs eta > 0"):
         SPOConfig(eta=0.0).validate()

@@ -2,9 +2,12 @@
 progress rows → sample image → stop → resume → finished LoRA, downloaded in both formats), the step
 inspector, the pool explorer, the LoRA tools, and what the page refuses to serve."""
 
+import os
+import re
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import httpx
@@ -170,6 +173,111 @@ def test_job_lifecycle_through_the_page(page, job_spm, pocket_prompts):
     assert all(row[0] != 1 for row in call(client, "/select_job", None)[0]["data"])
 
 
+def test_a_new_client_reaches_jobs_created_after_the_page_started(page):
+    store = page["studio"].store
+    job = store.submit("spo", {}, name="made later", start=False)  # after the page built its job list
+    fresh = Client(page["url"], auth=AUTH, verbose=False)  # a script's own session
+    assert "made later" in call(fresh, "/select_job", job.id)[2]
+    with pytest.raises(AppError, match="only stopped or failed jobs can be resumed"):
+        call(fresh, "/resume_job", job.id)  # reached the store: the id was taken
+    assert "cancelled before it started" in call(fresh, "/stop_job", job.id)
+    assert call(fresh, "/delete_job", job.id) == f"Job #{job.id} deleted."
+    for name in ("/select_job", "/stop_job", "/resume_job", "/delete_job"):
+        with pytest.raises(AppError, match=f"no job {job.id}: it does not exist"):
+            call(fresh, name, job.id)
+
+
+@pytest.fixture
+def busy_slot(page):
+    """The page's only CPU slot held by a stand-in running job, so what the page queues waits (and trains nothing)."""
+    from spo_studio.backend import jobs
+
+    store = page["studio"].store
+    holder = store.submit("spo", {}, name="slot holder", start=False)
+    store._update(holder.id, status="running", devices="cpu", pid=os.getpid(),
+                  pid_started=jobs._process_started(os.getpid()))
+    yield store
+    for job in store.list(reconcile=False):
+        if job.status == "queued":
+            store.stop(job.id)
+    store._update(holder.id, status="failed")
+    for job in store.list(reconcile=False):
+        store.delete(job.id)
+
+
+def test_names_are_bounded_and_shown_as_plain_text(page, busy_slot):
+    client = page["client"]
+    with pytest.raises(AppError, match="name: at most 100 characters; got 5000"):
+        call(client, "/submit_job", "method: spo\n", "x" * 5000, 1, None)
+    with pytest.raises(AppError, match="name: control character"):
+        call(client, "/submit_job", "method: spo\n", "a\x00b", 1, None)
+    name = "<img src=x onerror=alert(1)> **loud** [link](http://example.com)"
+    message, select = call(client, "/submit_job", "method: spo\n", name, 1, None)
+    status = call(client, "/select_job", select["value"])[2]
+    for shown in (message, status):
+        assert "<img" not in shown and "**loud**" not in shown and "[link](" not in shown
+        assert "&lt;img src=x onerror=alert\\(1\\)&gt; \\*\\*loud\\*\\* \\[link\\]" in shown
+    assert busy_slot.get(select["value"]).name == name  # kept as typed
+
+
+def test_config_refusals_reach_the_page(page):
+    for text, says in (("config_version: 99\n", "config_version 99 is newer"),
+                       ("lora_targets: []\n", "lora_targets must name at least one UNet module"),
+                       ("lr: .nan\n", "lr must be a finite number; got nan"),
+                       ("lora_targets: [no_such_module]\n", "'no_such_module' names no Linear or Conv layer")):
+        with pytest.raises(AppError, match=re.escape(says)):
+            call(page["client"], "/submit_job", "method: spo\n" + text, "bad", 1, None)
+
+
+def _in_upload_folder(name: str) -> list[Path]:
+    from spo_studio.webui.safety import upload_folder
+
+    return list(upload_folder().rglob(name))
+
+
+def test_uploads_leave_the_temp_folder_and_messages_name_no_server_path(page, busy_slot, tmp_path):
+    from spo_studio.webui.safety import upload_folder
+
+    client, tag = page["client"], uuid.uuid4().hex[:8]
+    bad = tmp_path / f"broken-{tag}.json"
+    bad.write_text("[1, 2")
+    with pytest.raises(AppError) as refused:
+        call(client, "/check_upload", "spo", handle_file(str(bad)))
+    said = str(refused.value)
+    assert f"broken-{tag}.json: not valid JSON" in said and str(upload_folder()) not in said
+    assert _in_upload_folder(bad.name) == []  # a rejected upload is removed at once
+
+    garbage = tmp_path / f"garbage-{tag}.safetensors"
+    garbage.write_bytes(b"these bytes are not a safetensors file")
+    with pytest.raises(AppError) as refused:
+        call(client, "/lora_info", handle_file(str(garbage)), None)
+    assert garbage.name in str(refused.value) and str(upload_folder()) not in str(refused.value)
+    assert _in_upload_folder(garbage.name) == []
+
+    good = tmp_path / f"used-{tag}.txt"
+    good.write_text("\n".join(POCKET_PROMPTS))
+    message, select = call(client, "/submit_job", "method: spo\n", "with upload", 1, handle_file(str(good)))
+    run = Path(busy_slot.get(select["value"]).run_dir)
+    assert (run / "prompts.txt").read_text() == good.read_text()  # the run folder holds its copy
+    assert _in_upload_folder(good.name) == []  # so the upload is gone
+
+
+def test_the_temp_folder_is_swept_by_age(tmp_path):
+    from spo_studio.webui.app import Studio, build_app, launch
+
+    studio = Studio(runs_dir=tmp_path / "runs", devices=["cpu"], inspector_device="cpu", temp_max_age_s=1)
+    demo = build_app(studio)
+    _, url, _ = launch(demo, studio, port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        kept = tmp_path / f"kept-{uuid.uuid4().hex[:8]}.txt"
+        kept.write_text("\n".join(POCKET_PROMPTS))
+        assert call(Client(url, verbose=False), "/check_upload", "spo", handle_file(str(kept))).startswith("✓")
+        assert _in_upload_folder(kept.name)  # a valid upload stays for the Launch that uses it ...
+        wait_for(lambda: not _in_upload_folder(kept.name), timeout=20, what="the sweep to remove it")  # ... a while
+    finally:
+        demo.close()
+
+
 def test_step_inspector_and_pool_explorer(page, job_spm, pocket_lora):
     client = page["client"]
     plot, summary, gallery = call(client, "/inspect_steps", "pocket", job_spm, [str(pocket_lora)], 1.0,
@@ -199,6 +307,9 @@ def test_lora_tools(page, pocket_lora):
     message, converted = call(client, "/lora_convert", handle_file(str(pocket_lora)), None, "diffusers")
     assert "diffusers format" in message
     written = next((runs / "lora_tools").glob("*_to_diffusers.safetensors"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask  # as every other file, not 0600
     assert Path(converted).read_bytes() == written.read_bytes()
     assert call(client, "/lora_info", None, str(written))["format"] == "diffusers"  # picked from the runs folder
     message, merged = call(client, "/lora_merge", None, str(written), "pocket", 0.5)

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = PACKAGE_ROOT / "configs"
 MAX_UPLOAD_MB = 1024
+TEMP_MAX_AGE_S = 3600  # uploads and copies of handed-out files older than this leave the server's temp folder
 
 CSS = """
 #job-status {font-size: 1.05em}
@@ -47,6 +48,7 @@ class Studio:
     devices: list[str] | None = None
     inspector_device: str | None = None
     refresh_seconds: float = 2.0
+    temp_max_age_s: int = TEMP_MAX_AGE_S
     store: JobStore = field(init=False)
     inspector: Inspector = field(init=False)
     methods: dict = field(init=False)
@@ -85,7 +87,10 @@ def build_app(studio: Studio) -> gr.Blocks:
     from .tools_tab import inspector_tab, lora_tab, pool_tab
     from .train_tab import train_tab
 
-    with gr.Blocks(title="SPO Studio") as demo:
+    # the server's temp folder is swept: rejected and used uploads go at once (the tabs remove them),
+    # everything else (kept uploads, copies of samples, LoRAs and merges it handed out) after temp_max_age_s
+    age = max(1, int(studio.temp_max_age_s))
+    with gr.Blocks(title="SPO Studio", delete_cache=(min(300, max(1, age // 2)), age)) as demo:
         gr.Markdown("# SPO Studio\nStep-aware preference optimization for Stable Diffusion: launch LoRA fine-tunes, "
                     "watch them, and look inside the sampling steps. Jobs run detached: closing this page does not "
                     "stop them.")
@@ -131,7 +136,7 @@ def launch(demo: gr.Blocks, studio: Studio, host: str = "127.0.0.1", port: int |
         auth=auth or None,
         auth_message="SPO Studio: log in with the --auth user and password." if auth else None,
         allowed_paths=[str(studio.runs_dir)],
-        blocked_paths=[db, db + "-wal", db + "-shm"],
+        blocked_paths=[db, db + "-wal", db + "-shm", db + ".watchdog.lock", db + ".watchdog.log"],
         max_file_size=f"{int(max_upload_mb)}mb",
         prevent_thread_lock=prevent_thread_lock,
         inbrowser=inbrowser,

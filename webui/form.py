@@ -116,7 +116,6 @@ def read_preset(path: str | Path) -> tuple[str, dict]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a preset must be a mapping of key: value")
     method = str(data.pop("method", "spo"))
-    data.pop("config_version", None)
     return method, data
 
 
@@ -148,5 +147,4 @@ def parse_config_yaml(text: str) -> tuple[str, dict]:
     if not isinstance(data, dict):
         raise ValueError("the config must be a mapping of key: value")
     method = str(data.pop("method", "spo"))
-    data.pop("config_version", None)
     return method, data

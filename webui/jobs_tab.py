@@ -9,6 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from ..backend.jobs import ACTIVE, RESUMABLE, Job, JobError, format_duration
+from .safety import plain_markdown
 
 PLOTS = (  # (title, metric keys): whatever a method logs of these shows up
     ("Loss", ("loss",)),
@@ -50,7 +51,8 @@ def _curves(rows: list[dict], keys: tuple[str, ...]) -> pd.DataFrame | None:
 def _status_markdown(job: Job | None) -> str:
     if job is None:
         return "No job yet: launch one from the **Train** tab."
-    lines = [f"### #{job.id} {job.name} — {job.method.upper()}", f"**{job.status_line()}**"]
+    lines = [f"### #{job.id} {plain_markdown(job.name)} — {job.method.upper()}",
+             f"**{plain_markdown(job.status_line())}**"]
     details = [f"run folder `{job.run_dir}`"]
     if job.devices:
         details.append(f"device {job.devices}")
@@ -67,8 +69,10 @@ def jobs_tab(studio) -> dict:
     table = gr.Dataframe(value=_table(jobs0), headers=TABLE_COLUMNS, interactive=False, label="Jobs (newest first)",
                          elem_id="jobs-table")
     with gr.Row():
+        # any job id is taken (a script's session knows only the jobs of the page's start): the handlers
+        # check that it exists
         select = gr.Dropdown(choices=[(job_label(j), j.id) for j in jobs0], value=first, label="Selected job",
-                             scale=3, elem_id="job-select")
+                             allow_custom_value=True, scale=3, elem_id="job-select")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
         resume_btn = gr.Button("Resume", elem_id="resume-btn", scale=1)
         delete_btn = gr.Button("Delete", elem_id="delete-btn", scale=1)
@@ -136,7 +140,20 @@ def jobs_tab(studio) -> dict:
         return out
 
     def select_job(job_id, seen):
+        if job_id is not None:
+            job_id = existing_job(job_id)
         return refresh(job_id, {})
+
+    def existing_job(job_id) -> int:
+        """The id of a job in the store, or a gr.Error saying there is none."""
+        try:
+            job_id = int(job_id)
+        except (TypeError, ValueError):
+            raise gr.Error(f"a job id is a number; got {job_id!r}") from None
+        try:
+            return store.get(job_id).id
+        except JobError as exc:
+            raise gr.Error(f"no job {job_id}: it does not exist (or was deleted)") from exc
 
     def act(fn, verb):
         def handler(job_id):
@@ -144,13 +161,16 @@ def jobs_tab(studio) -> dict:
                 if verb == "deleted":  # the confirmation was declined
                     return "Nothing deleted."
                 raise gr.Error("select a job first")
+            job_id = existing_job(job_id)
             try:
-                result = fn(int(job_id))
+                result = fn(job_id)
             except JobError as exc:
                 raise gr.Error(str(exc)) from exc
             if result is None:
                 return f"Job #{job_id} {verb}."
-            return f"Job #{job_id}: {result.status_line()}"
+            if isinstance(result, str):  # what a delete left behind
+                return f"Job #{job_id} {verb}; {plain_markdown(result)}."
+            return f"Job #{job_id}: {plain_markdown(result.status_line())}"
         return handler
 
     timer.tick(refresh, inputs=[select, seen_state], outputs=outputs, api_name="refresh_jobs", concurrency_limit=8,

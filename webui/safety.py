@@ -3,11 +3,16 @@
     host = bind_address(listen=False, auth=None, insecure=False)     # "127.0.0.1"
     creds = parse_auth(["me:secret"])                                # [("me", "secret")]
     path = served_file(runs_dir, "runs/0001-spo-x/lora/spo_lora_webui.safetensors")
+    gr.Error(public_message(str(exc)))                               # no server upload paths in messages
 """
 
 from __future__ import annotations
 
+import contextlib
+import html
 import os
+import re
+import tempfile
 from pathlib import Path
 
 LOCALHOST = "127.0.0.1"
@@ -57,3 +62,46 @@ def served_file(runs_dir: str | Path, path: str | Path | None) -> Path | None:
     if not resolved.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return resolved
+
+
+# ----------------------------------------------------------------------------------------------
+# The upload area: what a message may say about it, and when an upload goes
+# ----------------------------------------------------------------------------------------------
+
+
+def upload_folder() -> Path:
+    """Where the page's server keeps uploads and copies of the files it hands out (gradio's cache)."""
+    env = os.environ.get("GRADIO_TEMP_DIR")
+    return Path(env).resolve() if env else (Path(tempfile.gettempdir()) / "gradio").resolve()
+
+
+def public_message(text: str) -> str:
+    """`text` with every path inside the upload folder cut to its file name: an error names the file a
+    user sent, never where the server keeps it."""
+    roots = {str(upload_folder())} | ({os.path.abspath(os.environ["GRADIO_TEMP_DIR"])}
+                                      if os.environ.get("GRADIO_TEMP_DIR") else set())
+    for root in sorted(roots, key=len, reverse=True):
+        text = re.sub(re.escape(root) + r"[/\\](?:[^\s'\"`:,;()\[\]]+[/\\])*", "", text)
+    return text
+
+
+def discard_upload(path: str | Path | None) -> bool:
+    """Remove an upload (and its folder when that empties) once it is rejected or copied where it belongs.
+    Only files inside the upload folder are touched; True if one was removed."""
+    if not path:
+        return False
+    file = Path(path).resolve()
+    root = upload_folder()
+    if not file.is_relative_to(root) or file == root or not file.is_file():
+        return False
+    file.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        if file.parent != root:
+            file.parent.rmdir()  # gradio keeps each upload in a folder of its own
+    return True
+
+
+def plain_markdown(text: str) -> str:
+    """`text` shown as typed in a Markdown component: no HTML, no emphasis, links or headings."""
+    text = html.escape(str(text), quote=False)
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", text)

@@ -9,6 +9,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from .safety import discard_upload, public_message
+
 DEFAULT_PROMPT = "a yellow circle on a green background"
 ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
 
@@ -36,7 +38,7 @@ def _sampler_inputs(prefix: str):
 
 
 def _error(exc: Exception) -> gr.Error:
-    return gr.Error(str(exc))
+    return gr.Error(public_message(str(exc)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,8 +178,17 @@ def lora_tab(studio) -> dict:
         else:
             raise gr.Error("upload a LoRA or pick one")
         if path.suffix.lower() != ".safetensors":
+            discard_upload(upload)
             raise gr.Error(f"{path.name}: a LoRA must be a .safetensors file")
         return path
+
+    def refuse(exc: Exception, upload) -> gr.Error:
+        """The error for a LoRA that cannot be read; an uploaded one is removed (it is of no use)."""
+        from ..backend.lora import LoraError
+
+        if isinstance(exc, LoraError):
+            discard_upload(upload)
+        return _error(exc)
 
     def lora_info(upload, pick):
         from ..backend import lora as lora_io
@@ -185,7 +196,7 @@ def lora_tab(studio) -> dict:
         try:
             info = lora_io.lora_info(source(upload, pick))
         except ERRORS as exc:
-            raise _error(exc) from exc
+            raise refuse(exc, upload) from exc
         # the file's name only: no server paths, and a "path" key would read as a file to gradio_client
         return {"file": Path(info.pop("path")).name, **info}
 
@@ -197,7 +208,7 @@ def lora_tab(studio) -> dict:
         try:
             lora_io.convert_lora(src, out, to=to)
         except ERRORS as exc:
-            raise _error(exc) from exc
+            raise refuse(exc, upload) from exc
         return f"Wrote `{out}` ({to} format).", studio.served(out)
 
     def lora_merge(upload, pick, base, scale):

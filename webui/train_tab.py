@@ -9,6 +9,7 @@ import gradio as gr
 
 from ..backend.jobs import JobError, check_pickapic, read_prompt_list
 from . import form
+from .safety import discard_upload, plain_markdown, public_message
 
 DEFAULT_PRESET = "pocket_spo.yaml"
 
@@ -123,7 +124,8 @@ def train_tab(studio) -> dict:
             n = check_pickapic(path)
             return f"✓ {Path(path).name}: {n} preference pairs; they replace the `train_data` field"
         except JobError as exc:
-            raise gr.Error(str(exc)) from exc
+            discard_upload(path)  # a rejected upload is of no further use
+            raise gr.Error(public_message(str(exc))) from exc
 
     def build_config(m, *widget_values):
         if m not in classes:
@@ -145,8 +147,10 @@ def train_tab(studio) -> dict:
             uploads = {upload_field(classes[m]): path} if path else None
             job = studio.store.submit(m, data, name=job_name, gpus=int(n_gpus or 1), uploads=uploads)
         except (JobError, ValueError, FileNotFoundError) as exc:
-            raise gr.Error(str(exc)) from exc
-        text = f"Job **#{job.id}** ({job.name}) is {job.status_line()}. Run folder: `{job.run_dir}`"
+            raise gr.Error(public_message(str(exc))) from exc
+        discard_upload(path)  # the run folder holds its copy now
+        text = (f"Job **#{job.id}** ({plain_markdown(job.name)}) is {plain_markdown(job.status_line())}. "
+                f"Run folder: `{job.run_dir}`")
         return text, gr.Tabs(selected="jobs"), gr.update(choices=_job_choices(studio), value=job.id), {}
 
     method.change(select_method, inputs=method, outputs=list(columns.values()), api_name="select_method")

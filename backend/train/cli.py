@@ -46,6 +46,7 @@ def cmd_train(args) -> int:
             print(f"{key} = {getattr(defaults, key)!r}\n    {text}")
         return 0
     cfg = load_config(cls, args.config, args.overrides)
+    cfg.check_model()  # LoRA targets and rank against the base model, before a run folder is written
     from .loop import train
 
     result = train(cfg, getattr(importlib.import_module(f".{loop_module}", __package__), fn))

@@ -7,9 +7,13 @@ dataclass, so a field's help text is written once.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..config import option
+
+MAX_LORA_RANK = 1024  # above any layer width of SD1.5 / SDXL attention; the model check is exact
 
 
 @dataclass
@@ -39,10 +43,39 @@ class TrainConfig:
     resume: bool = option(True, "resume from the latest checkpoint in output_dir if there is one")
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # NaN and inf pass every comparison below: refuse them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number; got {value}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
         for name in ("lora_rank", "train_batch_size", "grad_accum", "epochs", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0; got {self.lr}")
+        for name in ("lr", "lora_alpha"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
+        for name in ("lr_warmup_steps", "weight_decay", "grad_clip", "max_steps", "max_minutes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off); got {getattr(self, name)}")
+        if self.lora_rank > MAX_LORA_RANK:
+            raise ValueError(f"lora_rank must be <= {MAX_LORA_RANK}; got {self.lora_rank}")
+        if not self.lora_targets or not all(isinstance(t, str) and t.strip() for t in self.lora_targets):
+            raise ValueError(f"lora_targets must name at least one UNet module (e.g. to_q); got {self.lora_targets}")
+
+    def check_model(self) -> None:
+        """What only the base model can tell: every `lora_targets` entry names one of its UNet layers, and
+        `lora_rank` fits the narrowest of them. Reads the UNet config, loads no weights."""
+        from ..models import unet_linear_shapes
+
+        shapes = unet_linear_shapes(self.base_model)
+        widths = []
+        for target in self.lora_targets:
+            hits = [min(s) for n, s in shapes.items() if n == target or n.endswith("." + target)]
+            if not hits:
+                raise ValueError(f"lora_targets: {target!r} names no Linear or Conv layer of the UNet of "
+                                 f"{self.base_model!r} (e.g. to_q, to_k, to_v, to_out.0, proj_in, ff.net.2)")
+            widths += hits
+        if self.lora_rank > min(widths):
+            raise ValueError(f"lora_rank must be <= {min(widths)}, the narrowest layer in lora_targets of "
+                             f"{self.base_model!r}; got {self.lora_rank}")

@@ -51,8 +51,9 @@ class DPOConfig(TrainConfig):
         super().validate()
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0; got {self.beta}")
-        if self.pairs_per_round < 1:
-            raise ValueError(f"pairs_per_round must be >= 1; got {self.pairs_per_round}")
+        for name in ("pairs_per_round", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
 
 
 def dpo_logits(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,

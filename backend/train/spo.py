@@ -42,6 +42,8 @@ from .loop import Method, reference_pass
 
 logger = logging.getLogger(__name__)
 
+MAX_POOL_SIZE = 64  # k candidates share one UNet pass per step: memory grows with prompts_per_round · k
+
 
 @dataclass
 class SPOConfig(TrainConfig):
@@ -71,8 +73,19 @@ class SPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.pool_size < 2:
-            raise ValueError(f"pool_size must be >= 2 (a pair needs two candidates); got {self.pool_size}")
+        if not 2 <= self.pool_size <= MAX_POOL_SIZE:
+            raise ValueError(f"pool_size must lie in [2, {MAX_POOL_SIZE}] (a pair needs two candidates); "
+                             f"got {self.pool_size}")
+        if self.prompts_per_round < 1:
+            raise ValueError(f"prompts_per_round must be >= 1; got {self.prompts_per_round}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1; got {self.num_steps}")
+        if self.decode_size < 0:
+            raise ValueError(f"decode_size must be >= 0 (0: the model's size); got {self.decode_size}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0; got {self.cfg_scale}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0; got {self.beta}")
         if not 0 <= self.divert_start_step < self.num_steps:
             raise ValueError(f"divert_start_step must lie in [0, num_steps); got {self.divert_start_step}")
         if self.eta <= 0:
