@@ -323,6 +323,20 @@ def test_lora_tools(page, pocket_lora):
         assert isinstance(call(client, name), (list, tuple, dict))
 
 
+def test_lora_tools_family_field(page, tmp_path):
+    """A LoRA that says nothing of its family (no metadata, no telling layers) converts once the family is given."""
+    from safetensors.torch import save_file
+
+    key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # a pocket UNet layer
+    silent = tmp_path / f"silent-{uuid.uuid4().hex[:8]}.safetensors"
+    save_file({f"{key}.lora_down.weight": torch.randn(2, 64), f"{key}.lora_up.weight": torch.zeros(64, 2)},
+              str(silent))
+    with pytest.raises(AppError, match="cannot tell whether this LoRA is for SD1.5 or SDXL; pass the family"):
+        call(page["client"], "/lora_convert", handle_file(str(silent)), None, "webui", "from the file")
+    message, _ = call(page["client"], "/lora_convert", handle_file(str(silent)), None, "webui", "sd15")
+    assert "webui format" in message
+
+
 def test_only_files_under_the_runs_folder_are_served(page, tmp_path):
     runs, url = page["runs"], page["url"].rstrip("/")
     inside = runs / "0099-spo-x" / "samples" / "epoch-001.png"
@@ -367,6 +381,29 @@ def test_python_m_webui_from_the_repo_root_and_spo_studio():
     res = subprocess.run([sys.executable, "-m", "spo_studio.backend.cli", "studio", "--help"], capture_output=True,
                          text=True)
     assert res.returncode == 0 and "--runs" in res.stdout
+
+
+def test_the_upload_area_is_bounded(page, tmp_path, pocket_lora):
+    """Past `temp_max_bytes` the oldest files in the upload area go; an upload that cannot fit is refused."""
+    from spo_studio.webui.app import TEMP_MAX_BYTES
+    from spo_studio.webui.safety import upload_folder
+
+    studio, client = page["studio"], page["client"]
+    junk = upload_folder() / f"junk-{uuid.uuid4().hex[:8]}" / "old.bin"
+    junk.parent.mkdir(parents=True)
+    junk.write_bytes(b"x" * 50_000)
+    os.utime(junk, (1, 1))  # the oldest file there
+    others = sum(f.stat().st_size for f in upload_folder().rglob("*") if f.is_file())
+    try:
+        studio.temp_max_bytes = others - 40_000 + pocket_lora.stat().st_size
+        assert call(client, "/lora_info", handle_file(str(pocket_lora)), None)["family"] == "sd15"
+        assert not junk.exists()  # the oldest file made room
+        studio.temp_max_bytes = 10
+        with pytest.raises(AppError, match="upload area is full"):
+            call(client, "/lora_info", handle_file(str(pocket_lora)), None)
+        assert sum(f.stat().st_size for f in upload_folder().rglob("*") if f.is_file()) <= 10
+    finally:
+        studio.temp_max_bytes = TEMP_MAX_BYTES
 
 
 def test_every_named_endpoint_was_exercised():

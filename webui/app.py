@@ -32,6 +32,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = PACKAGE_ROOT / "configs"
 MAX_UPLOAD_MB = 1024
 TEMP_MAX_AGE_S = 3600  # uploads and copies of handed-out files older than this leave the server's temp folder
+TEMP_MAX_BYTES = 4 * 2**30  # and the temp folder never holds more: the oldest files go first
 
 CSS = """
 #job-status {font-size: 1.05em}
@@ -49,6 +50,7 @@ class Studio:
     inspector_device: str | None = None
     refresh_seconds: float = 2.0
     temp_max_age_s: int = TEMP_MAX_AGE_S
+    temp_max_bytes: int = TEMP_MAX_BYTES
     store: JobStore = field(init=False)
     inspector: Inspector = field(init=False)
     methods: dict = field(init=False)

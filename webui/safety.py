@@ -101,6 +101,29 @@ def discard_upload(path: str | Path | None) -> bool:
     return True
 
 
+def bound_upload_folder(max_bytes: int, keep: str | Path | None = None) -> int:
+    """Keep the upload folder under `max_bytes`: the oldest files go first (never `keep`, the upload being
+    checked). Returns the bytes left; a `keep` that alone exceeds the bound is refused (ValueError)."""
+    root = upload_folder()
+    keep = Path(keep).resolve() if keep else None
+    files = sorted((f for f in root.rglob("*") if f.is_file()), key=lambda f: f.stat().st_mtime) \
+        if root.is_dir() else []
+    total = sum(f.stat().st_size for f in files)
+    for file in files:
+        if total <= max_bytes:
+            break
+        if file == keep:
+            continue
+        size = file.stat().st_size
+        if discard_upload(file):
+            total -= size
+    if total > max_bytes:
+        discard_upload(keep)
+        raise ValueError(f"{keep.name if keep else 'the upload'}: the server's upload area is full "
+                         f"({total / 2**20:.0f} MiB of {max_bytes / 2**20:.0f} MiB); try again later")
+    return total
+
+
 def plain_markdown(text: str) -> str:
     """`text` shown as typed in a Markdown component: no HTML, no emphasis, links or headings."""
     text = html.escape(str(text), quote=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from .safety import discard_upload, public_message
+from .safety import bound_upload_folder, discard_upload, public_message
 
 DEFAULT_PROMPT = "a yellow circle on a green background"
 ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
@@ -160,6 +160,9 @@ def lora_tab(studio) -> dict:
         info_btn = gr.Button("Info", elem_id="lora-info-btn")
         to = gr.Radio(choices=["webui", "diffusers", "diffusers-legacy"], value="webui", label="Convert to",
                       elem_id="lora-to")
+        family = gr.Radio(choices=["from the file", "sd15", "sdxl"], value="from the file", label="Family",
+                          info="for a file that does not say whether it is an SD1.5 or an SDXL LoRA",
+                          elem_id="lora-family")
         convert_btn = gr.Button("Convert", elem_id="lora-convert-btn")
     with gr.Row():
         base = gr.Dropdown(choices=["pocket"], value="pocket", allow_custom_value=True, label="Merge into base model",
@@ -173,6 +176,10 @@ def lora_tab(studio) -> dict:
     def source(upload, pick) -> Path:
         if upload:
             path = Path(upload)
+            try:
+                bound_upload_folder(studio.temp_max_bytes, keep=path)
+            except ValueError as exc:
+                raise gr.Error(str(exc)) from exc
         elif pick:
             path = Path(studio.served(pick))  # a picked file must lie in the runs folder
         else:
@@ -200,13 +207,13 @@ def lora_tab(studio) -> dict:
         # the file's name only: no server paths, and a "path" key would read as a file to gradio_client
         return {"file": Path(info.pop("path")).name, **info}
 
-    def lora_convert(upload, pick, to):
+    def lora_convert(upload, pick, to, family="from the file"):
         from ..backend import lora as lora_io
 
         src = source(upload, pick)
         out = _out_path(studio, f"{src.stem}_to_{to}")
         try:
-            lora_io.convert_lora(src, out, to=to)
+            lora_io.convert_lora(src, out, to=to, family=None if family in (None, "", "from the file") else family)
         except ERRORS as exc:
             raise refuse(exc, upload) from exc
         return f"Wrote `{out}` ({to} format).", studio.served(out)
@@ -232,7 +239,8 @@ def lora_tab(studio) -> dict:
         return f"Wrote `{out}` ({model.family}, {base} + {src.name} at strength {float(scale):g}).", studio.served(out)
 
     info_btn.click(lora_info, inputs=[upload, pick], outputs=info, api_name="lora_info")
-    convert_btn.click(lora_convert, inputs=[upload, pick, to], outputs=[message, result], api_name="lora_convert")
+    convert_btn.click(lora_convert, inputs=[upload, pick, to, family], outputs=[message, result],
+                      api_name="lora_convert")
     merge_btn.click(lora_merge, inputs=[upload, pick, base, merge_scale], outputs=[message, result],
                     api_name="lora_merge", concurrency_id="inspector", concurrency_limit=1)
     return {"pick": pick}

@@ -9,7 +9,7 @@ import gradio as gr
 
 from ..backend.jobs import JobError, check_pickapic, read_prompt_list
 from . import form
-from .safety import discard_upload, plain_markdown, public_message
+from .safety import bound_upload_folder, discard_upload, plain_markdown, public_message
 
 DEFAULT_PRESET = "pocket_spo.yaml"
 
@@ -117,6 +117,10 @@ def train_tab(studio) -> dict:
         if not path:
             return ""
         field = upload_field(classes[m])
+        try:
+            bound_upload_folder(studio.temp_max_bytes, keep=path)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
         try:
             if field == "prompts":
                 n = len(read_prompt_list(path))
