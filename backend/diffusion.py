@@ -173,6 +173,16 @@ def draw(pred: StepPrediction, noise: torch.Tensor | None, eta: float) -> torch.
     return mean + sigma * noise
 
 
+def complete(model: DiffusionModel, pred: StepPrediction, cond: TextConditioning, negative: TextConditioning | None,
+             cfg_scale: float, grid: list[int], prev: list[int], start: int, unet=None) -> torch.Tensor:
+    """Finish latents deterministically: from `pred` (the prediction at grid[start]) run DDIM with η = 0
+    (eq. 12 with σ_t = 0) over the rest of the grid; returns the final latents x_0."""
+    x = draw(pred, None, 0.0)
+    for t, t_prev in zip(grid[start + 1:], prev[start + 1:]):
+        x = draw(predict(model, x, t, t_prev, cond, negative, cfg_scale, unet=unet), None, 0.0)
+    return x
+
+
 def transition_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
     """log N(x_{t−1}; μ, σ_t²I), averaged over all non-batch elements → [B].
 

@@ -52,6 +52,7 @@ from .job_queue import (  # noqa: F401 (process_alive and the helpers are part o
     start_watchdog,
     trainer_exit_text,
 )
+from .rewards import check_reward_paths, is_reward
 
 logger = logging.getLogger(__name__)
 
@@ -573,6 +574,12 @@ class JobStore:
         for field in PATH_FIELDS:  # the trainer runs in the run folder: relative paths become absolute
             value = getattr(cfg, field, None)
             if field in uploads or not isinstance(value, str) or value in ("", "pocket"):
+                continue
+            if field == "spm" and is_reward(value):  # an image reward: its own paths are checked and resolved
+                try:
+                    cfg.spm = check_reward_paths(value)
+                except ValueError as exc:
+                    raise JobError(str(exc)) from exc
                 continue
             if field in MODEL_FIELDS:
                 _check_model_source(field, value)

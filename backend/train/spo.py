@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from .. import diffusion
 from ..config import option
 from ..models import DiffusionModel, TextConditioning
+from ..rewards import MODES as REWARD_MODES
+from ..rewards import is_reward, parse_reward
 from .common import TrainConfig
 from .loop import Method, reference_pass
 
@@ -50,8 +52,16 @@ class SPOConfig(TrainConfig):
     """SPO fine-tuning; defaults are the paper's SD1.5 settings (official `basic_config.py`)."""
 
     output_dir: str = option("runs/spo", "run folder: config, metrics, checkpoints, LoRA files, samples")
-    spm: str = option("pocket", "step-aware preference model: 'pocket', an SPM folder, or an official SPO "
-                                "checkpoint file (.bin / .safetensors)")
+    spm: str = option("pocket", "step scorer: 'pocket', an SPM folder, an official SPO checkpoint file "
+                                "(.bin / .safetensors), or an image reward 'reward:NAME' (brightness, random, "
+                                "pocket-aesthetic, pocket-alignment, pickscore=DIR, clip=DIR, "
+                                "laion-aesthetic=MLP,DIR, hpsv2=FILE, imagereward=FILE; '-NAME' flips it)")
+    reward_mode: str = option("complete", "for spm: reward:…, what the reward judges: 'x0' (each candidate's "
+                                          "decoded one-step x̂0: cheap, step-unaware) or 'complete' (the final "
+                                          "image of the candidate finished by DDIM η=0 under the current policy: "
+                                          "step-aware, about (remaining steps)x the UNet work)")
+    reward_scale: float = option(1.0, "for spm: reward:…, the reward is multiplied by this before pairs are chosen, "
+                                      "so the threshold reads in its units (p_w − p_l = tanh(scale·ΔR/2))")
     spm_clip: str = option("", "for an official SPM checkpoint file: the CLIP folder it was initialised from "
                                "(PickScore_v1 config + CLIP-ViT-H-14 tokenizer); empty: found beside the file")
     prompts: str = option("pocket", "training prompts: 'pocket' (the pocket training prompts) or a .txt "
@@ -92,6 +102,12 @@ class SPOConfig(TrainConfig):
             raise ValueError(f"SPO needs eta > 0 (stochastic steps give the pool and the log-probabilities); got {self.eta}")
         if not 0 < self.clip_range < 1:
             raise ValueError(f"clip_range must lie in (0, 1); got {self.clip_range}")
+        if self.reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode must be one of {REWARD_MODES}; got {self.reward_mode!r}")
+        if is_reward(self.spm):
+            parse_reward(self.spm)
+        if not (math.isfinite(self.reward_scale) and self.reward_scale > 0):
+            raise ValueError(f"reward_scale must be a finite number > 0; got {self.reward_scale}")
         if not 0 <= self.threshold < 1:
             raise ValueError(f"threshold must lie in [0, 1); got {self.threshold}")
 
@@ -203,7 +219,12 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
             nxt_t = grid[i + 1]
             nxt_prev = prev[i + 1]
             nxt = diffusion.predict(model, flat, nxt_t, nxt_prev, cond_k, negative_k, cfg.cfg_scale, unet=policy_unet)
-            scores = scorer.score_latents(nxt.x0_hat, prompts_k, nxt_t)
+            if getattr(scorer, "needs_completion", False):  # a reward on the image each candidate leads to
+                final = diffusion.complete(model, nxt, cond_k, negative_k, cfg.cfg_scale, grid, prev, i + 1,
+                                           unet=policy_unet)
+                scores = scorer.score_latents(final, prompts_k, 0)
+            else:
+                scores = scorer.score_latents(nxt.x0_hat, prompts_k, nxt_t)
         else:  # the last step's candidates are clean: score them as they are, at t = 0
             nxt = None
             scores = scorer.score_latents(flat, prompts_k, 0)
@@ -272,12 +293,13 @@ class SPOMethod(Method):
     items = Pairs
 
     def __init__(self, cfg: SPOConfig, model: DiffusionModel, accelerator):
-        from ..preference.scoring import Scorer
+        from ..rewards import step_scorer
         from .loop import load_prompts
 
         super().__init__(cfg, model, accelerator)
-        self.scorer = Scorer.from_path(cfg.spm, model, clip_folder=cfg.spm_clip, decode_size=cfg.decode_size,
-                                       latent_decode=cfg.fast_decode)
+        self.scorer = step_scorer(cfg.spm, model, cfg.reward_mode, cfg.reward_scale, clip_folder=cfg.spm_clip,
+                                  seed=cfg.seed,
+                                  decode_size=cfg.decode_size, latent_decode=cfg.fast_decode)
         self.prompts = load_prompts(cfg.prompts)
         self.world = accelerator.num_processes
         self.per_round = cfg.prompts_per_round * self.world
