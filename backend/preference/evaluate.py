@@ -26,7 +26,7 @@ import torch
 from ..config import atomic_write_text
 from .data import PickAPicStream, captions
 from .scoring import Scorer
-from .train import images_tensor, one_step_x0_images
+from .train import images_tensor, noisy_latents, one_step_x0_images
 
 logger = logging.getLogger(__name__)
 
@@ -69,20 +69,35 @@ def bucket_verdicts(scorers: dict, base_model, pairs: list, buckets=BUCKETS, bat
     """Per-pair verdicts (higher score = the crowd's choice) of several scorers on the *same* inputs:
     `scorers` maps a name to (Scorer, step_aware); a step-aware one is told t, the others score with
     no time conditioning. Rows: "clean" (the images themselves, t = 0) and one per bucket (noised to t
-    with one shared noise, the base UNet's one-step x̂0 at `cfg_scale`, decoded by `decode` or the VAE)."""
+    with one shared noise, the base UNet's one-step x̂0 at `cfg_scale`, decoded by `decode` or the VAE).
+    A latent scorer (`reads_noisy_latents`) is handed the same noisy latents z_t instead (the clean row: the
+    images' latents at t = 0)."""
     size = base_model.default_resolution
+    latent = {name for name, (scorer, _) in scorers.items() if getattr(scorer, "reads_noisy_latents", False)}
+    pixel = [name for name in scorers if name not in latent]
     out: dict[str, dict[str, list[bool]]] = {"clean": {name: [] for name in scorers}}
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 1000)
     for images, prompts, truth in _batches(pairs, size, batch_size):
         for name, (scorer, step_aware) in scorers.items():
-            out["clean"][name] += _verdicts(scorer.score_images(images, prompts, 0 if step_aware else None), truth)
+            if name in latent:
+                z = base_model.encode_images(images.to(base_model.device), generator=gen)
+                out["clean"][name] += _verdicts(scorer.score_latents(z, prompts, 0), truth)
+            else:
+                out["clean"][name] += _verdicts(scorer.score_images(images, prompts, 0 if step_aware else None),
+                                                truth)
     for t_value in buckets:
         row = out[str(t_value)] = {name: [] for name in scorers}
         gen = torch.Generator().manual_seed(seed * 1_000_003 + t_value)
         for images, prompts, truth in _batches(pairs, size, batch_size):
             t = torch.full((len(prompts),), t_value, dtype=torch.long)
-            x0 = one_step_x0_images(base_model, images.to(base_model.device), prompts, t, gen, cfg_scale,
-                                    decode=decode)
-            for name, (scorer, step_aware) in scorers.items():
+            z_t = noisy_latents(base_model, images.to(base_model.device), t, gen)
+            for name in latent:
+                row[name] += _verdicts(scorers[name][0].score_latents(z_t, prompts, t_value), truth)
+            if not pixel:
+                continue
+            x0 = one_step_x0_images(base_model, None, prompts, t, gen, cfg_scale, decode=decode, z_t=z_t)
+            for name in pixel:
+                scorer, step_aware = scorers[name]
                 row[name] += _verdicts(scorer.score_images(x0, prompts, t_value if step_aware else None), truth)
         logger.info("t=%d  %s", t_value, "  ".join(f"{name} {sum(v) / len(v):.3f}" for name, v in row.items()))
     return out

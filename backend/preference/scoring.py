@@ -60,13 +60,21 @@ class Scorer:
     def from_path(cls, path: str | Path, base_model=None, clip_folder: str | Path | None = None,
                   **kwargs) -> "Scorer":
         """'pocket' (the shipped pocket SPM), an SPM folder, a CLIP/PickScore folder, or an official SPO
-        checkpoint file with the CLIP folder it was initialised from (`clip_folder`, or found beside it)."""
+        checkpoint file with the CLIP folder it was initialised from (`clip_folder`, or found beside it).
+        A latent SPM folder (lspm.json) gives a `latent_spm.LatentScorer`, which reads noisy latents."""
         if str(path) == "pocket":
             from .train import POCKET_SPM_DIR
 
             if not (POCKET_SPM_DIR / "spm.json").exists():
                 raise FileNotFoundError(f"{POCKET_SPM_DIR}: the pocket SPM is not built; run `spo pocket build`")
             path = POCKET_SPM_DIR
+        from .latent_spm import LatentPreferenceModel, LatentScorer, is_latent_spm
+
+        if is_latent_spm(path):
+            if clip_folder:
+                raise ValueError(f"{path}: a latent SPM takes no CLIP folder")
+            device = kwargs.get("device") or (base_model.device if base_model else None)
+            return LatentScorer(LatentPreferenceModel.load(path, device=device), base_model, device=device)
         return cls(StepAwarePreferenceModel.load(path, clip_folder=clip_folder or None), base_model, **kwargs)
 
     @torch.no_grad()

@@ -46,10 +46,14 @@ POCKET_SPM_DIR = Path(__file__).resolve().parents[1] / "pocket" / "spm"
 class SPMTrainConfig:
     """Training the step-aware preference model; defaults are the paper's SD1.5 settings."""
 
+    kind: str = option("pixel", "'pixel': CLIP on the decoded one-step x̂0 (the paper's SPM); 'latent': the base "
+                                "model's own UNet encoder on the noisy latent x_t, no decode (LPO's latent reward "
+                                "model; backend/preference/latent_spm.py)")
     base_model: str = option("pocket", "base diffusion model whose one-step x̂0 the SPM learns to judge: "
                                        "'pocket', a diffusers folder or a .safetensors file")
     init: str = option("pocket", "scorer to start from: 'pocket' (the shipped pocket scorer), "
-                                 "'scratch:pocket' (a new small CLIP), a CLIP/PickScore folder, or an SPM folder")
+                                 "'scratch:pocket' (a new small CLIP), a CLIP/PickScore folder, or an SPM folder; "
+                                 "for kind=latent: 'base' (the base model's UNet encoder) or a latent SPM folder")
     train_data: str = option("", "Pick-a-Pic-schema parquet of preference pairs")
     output_dir: str = option("runs/spm", "run folder (config, metrics, checkpoints, the final SPM in spm/)")
     step_aware: bool = option(True, "condition on t and train on noisy one-step x̂0; false trains a plain "
@@ -88,6 +92,12 @@ class SPMTrainConfig:
     resume: bool = option(True, "resume from the latest checkpoint in output_dir if there is one")
 
     def validate(self) -> None:
+        if self.kind not in ("pixel", "latent"):
+            raise ValueError(f"kind must be 'pixel' or 'latent'; got {self.kind!r}")
+        if self.kind == "latent" and (not self.step_aware or self.distill_weight > 0 or self.wise_alpha < 1
+                                      or self.decode_size):
+            raise ValueError("kind=latent reads noisy latents: it needs step_aware=true and supports neither "
+                             "distill_weight, wise_alpha < 1 nor decode_size")
         if not 0 <= self.t_min <= self.t_max <= 999:
             raise ValueError(f"need 0 <= t_min <= t_max <= 999; got t_min={self.t_min}, t_max={self.t_max}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -109,6 +119,17 @@ class SPMTrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def build_latent_scorer(init: str, base_model):
+    """The latent SPM to train: a new one from the base model's UNet encoder, or a latent SPM folder."""
+    from .latent_spm import LatentPreferenceModel, is_latent_spm
+
+    if init == "base":
+        return LatentPreferenceModel.from_base(base_model)
+    if not is_latent_spm(init):
+        raise ValueError(f"init: {init}: kind=latent starts from 'base' or a latent SPM folder (lspm.json)")
+    return LatentPreferenceModel.load(init, device=base_model.device)
 
 
 def build_scorer(init: str, base_model=None):
@@ -140,16 +161,10 @@ def images_tensor(arrays: list[np.ndarray], size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def one_step_x0_images(model, images: torch.Tensor, prompts: list[str], t: torch.Tensor, noise_gen: torch.Generator,
-                       cfg_scale: float, pair_shared_noise: bool = True, decode_size: int = 0,
-                       decode=None) -> torch.Tensor:
-    """Images [2B, 3, H, W] (pairs as rows i and B+i) → decoded one-step x̂0 at per-row timesteps t [2B].
-
-    The two images of a pair share t and the noise ε (`pair_shared_noise`), as in the official trainer.
-    `decode` (latents → images) replaces the full VAE decode, e.g. a `Scorer.decode` with `latent_decode`.
-    """
-    from ..diffusion import cfg_unet
-
+def noisy_latents(model, images: torch.Tensor, t: torch.Tensor, noise_gen: torch.Generator,
+                  pair_shared_noise: bool = True) -> torch.Tensor:
+    """Images [2B, 3, H, W] (pairs as rows i and B+i) → z_t = √ᾱ_t·z + √(1−ᾱ_t)·ε at per-row timesteps t [2B],
+    z the VAE latent. The two images of a pair share t and ε (`pair_shared_noise`), as in the official trainer."""
     z = model.encode_images(images, generator=noise_gen).to(model.dtype)
     b2 = z.shape[0]
     if pair_shared_noise:
@@ -159,10 +174,25 @@ def one_step_x0_images(model, images: torch.Tensor, prompts: list[str], t: torch
         eps = torch.randn(z.shape, generator=noise_gen)
     eps = eps.to(z.device, z.dtype)
     a = model.scheduler.alphas_cumprod.to(z.device)[t.to(z.device)].view(-1, 1, 1, 1).to(z.dtype)
-    z_t = a.sqrt() * z + (1 - a).sqrt() * eps
+    return a.sqrt() * z + (1 - a).sqrt() * eps
+
+
+@torch.no_grad()
+def one_step_x0_images(model, images: torch.Tensor, prompts: list[str], t: torch.Tensor, noise_gen: torch.Generator,
+                       cfg_scale: float, pair_shared_noise: bool = True, decode_size: int = 0,
+                       decode=None, z_t: torch.Tensor | None = None) -> torch.Tensor:
+    """Images [2B, 3, H, W] (pairs as rows i and B+i) → decoded one-step x̂0 at per-row timesteps t [2B], from
+    `noisy_latents` (or the given `z_t`). `decode` (latents → images) replaces the full VAE decode, e.g. a
+    `Scorer.decode` with `latent_decode`.
+    """
+    from ..diffusion import cfg_unet
+
+    if z_t is None:
+        z_t = noisy_latents(model, images, t, noise_gen, pair_shared_noise)
+    a = model.scheduler.alphas_cumprod.to(z_t.device)[t.to(z_t.device)].view(-1, 1, 1, 1).to(z_t.dtype)
     cond = model.encode_prompts(prompts)
     negative = model.encode_negative(len(prompts)) if cfg_scale != 1.0 else None
-    eps_hat = cfg_unet(model.unet, z_t, t.to(z.device), cond, negative, cfg_scale)
+    eps_hat = cfg_unet(model.unet, z_t, t.to(z_t.device), cond, negative, cfg_scale)
     x0 = (z_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
     if decode is not None:
         return decode(x0)
@@ -226,7 +256,8 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
 
     base = load_model(cfg.base_model, device=accelerator.device) if (cfg.step_aware or cfg.init == "scratch:pocket") else None
     torch.manual_seed(cfg.seed)  # a new scorer's random init is seeded too
-    spm = build_scorer(cfg.init, base)
+    latent = cfg.kind == "latent"
+    spm = build_latent_scorer(cfg.init, base) if latent else build_scorer(cfg.init, base)
     spm.train()
     teacher = None
     if cfg.distill_weight > 0:  # the scorer training starts from, frozen, judging the clean images
@@ -247,7 +278,7 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
         log.event("resumed", step=step, checkpoint=str(ckpt))
     spm, optimizer, scheduler = accelerator.prepare(spm, optimizer, scheduler)
     raw = accelerator.unwrap_model(spm)
-    size = raw.image_size if not cfg.step_aware else (base.default_resolution if base else raw.image_size)
+    size = base.default_resolution if (latent or cfg.step_aware) and base else raw.image_size
     stream = PickAPicStream(cfg.train_data, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                             split="train" if cfg.val_fraction > 0 else "all", val_fraction=cfg.val_fraction)
     log.event("started", step=step, total=cfg.max_steps)
@@ -273,7 +304,7 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
                 if cfg.rot90:
                     images = rotate_pairs(images, step_gen)
                 prompts = [p.caption for p in mine]
-                ids = raw.tokenize(prompts * 2).to(accelerator.device)
+                ids = raw.conditioning(prompts * 2) if latent else raw.tokenize(prompts * 2).to(accelerator.device)
                 l0 = torch.tensor([p.label0 for p in mine], device=accelerator.device)
                 l1 = torch.tensor([p.label1 for p in mine], device=accelerator.device)
                 q0, q1 = l0, l1
@@ -281,7 +312,12 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
                     with torch.no_grad():
                         ts0, ts1 = teacher(images.to(accelerator.device), ids, None).float().chunk(2)
                     q0, q1 = distillation_targets(l0, l1, ts0, ts1, cfg.distill_weight)
-                if cfg.step_aware:
+                if latent:  # the noisy latents themselves (SPO §4.1's noising; no UNet pass, no decode)
+                    t_half = torch.randint(cfg.t_min, cfg.t_max + 1, (len(mine),), generator=step_gen)
+                    t = torch.cat([t_half, t_half])
+                    images = noisy_latents(base, images.to(accelerator.device), t, step_gen)
+                    t = t.to(accelerator.device)
+                elif cfg.step_aware:
                     t_half = torch.randint(cfg.t_min, cfg.t_max + 1, (len(mine),), generator=step_gen)
                     t = torch.cat([t_half, t_half])
                     images = one_step_x0_images(base, images.to(accelerator.device), prompts * 2, t, step_gen,
@@ -335,7 +371,7 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
             final = interpolate_weights(build_scorer(cfg.init, base).to(accelerator.device), raw, cfg.wise_alpha)
             logger.info("WiSE-FT: saving (1 - %.2f)·start + %.2f·trained", cfg.wise_alpha, cfg.wise_alpha)
         final.save(out, extra={"base_model": cfg.base_model, "step_aware": cfg.step_aware, "steps": step,
-                               "wise_alpha": cfg.wise_alpha})
+                               "wise_alpha": cfg.wise_alpha, "kind": cfg.kind})
         log.event("finished", step=step, spm=str(out), skipped=dict(stream.stats))
         if stream.stats:
             logger.info("data: %s", dict(stream.stats))

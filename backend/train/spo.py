@@ -215,7 +215,10 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
             continue
         pool = diffusion.sample_pool(pred, k, cfg.eta, generator)  # [b, k, C, H, W], no UNet call
         flat = pool.candidates.reshape(b * k, *x.shape[1:])
-        if t_prev >= 0:
+        if getattr(scorer, "reads_noisy_latents", False):  # a latent SPM judges the candidates x_{t−1} themselves:
+            nxt = None                                    # no UNet pass on all k, no decode
+            scores = scorer.score_latents(flat, prompts_k, max(t_prev, 0))
+        elif t_prev >= 0:
             nxt_t = grid[i + 1]
             nxt_prev = prev[i + 1]
             nxt = diffusion.predict(model, flat, nxt_t, nxt_prev, cond_k, negative_k, cfg.cfg_scale, unet=policy_unet)
@@ -245,6 +248,7 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
         # continue from a uniformly random candidate, whatever its score; its prediction is cached
         pick = torch.randint(0, k, (b,), generator=generator)
         x = pool.candidates[torch.arange(b), pick]
+        pred = None  # without a cached prediction the next step predicts at x, the chosen candidate only
         if nxt is not None:
             sel = torch.arange(b) * k + pick
             pred = diffusion.StepPrediction(x_t=x, eps=nxt.eps[sel], x0_hat=nxt.x0_hat[sel], t=nxt.t,

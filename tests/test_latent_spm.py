@@ -1,0 +1,93 @@
+"""The latent SPM: trained by `spo train-spm kind=latent`, it judges noisy latents with no VAE decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spo_studio.backend.config import load_config
+from spo_studio.backend.models import load_model
+from spo_studio.backend.preference.evaluate import bucket_verdicts, load_pairs
+from spo_studio.backend.preference.latent_spm import LatentPreferenceModel, LatentScorer
+from spo_studio.backend.preference.scoring import Scorer
+from spo_studio.backend.preference.train import SPMTrainConfig, train_spm
+from spo_studio.backend.train.spo import SPOConfig, rollout
+from spo_studio.backend.preference.data import write_pickapic
+from test_spm import _pair_rows
+
+
+def write_pairs(path):
+    write_pickapic(path, _pair_rows(12))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_lspm(tiny_dirs, tmp_path_factory):
+    model = load_model(tiny_dirs["sd15"], device="cpu", dtype="fp32")
+    return LatentPreferenceModel.from_base(model, head_dim=16).save(tmp_path_factory.mktemp("lspm") / "lspm")
+
+
+def _cfg(tiny_dirs, data, out, **over):
+    values = {"kind": "latent", "base_model": str(tiny_dirs["sd15"]), "init": "base", "train_data": str(data),
+              "output_dir": str(out), "lr": 1e-3, "warmup_steps": 1, "lr_schedule": "constant", "max_steps": 4, "batch_size": 2,
+              "checkpoint_every": 2, "log_every": 1, "shuffle_buffer": 8}
+    values.update(over)
+    return load_config(SPMTrainConfig, None, [f"{k}={v}" for k, v in values.items()])
+
+
+def test_resumed_latent_training_equals_uninterrupted(tiny_dirs, tmp_path):
+    data = write_pairs(tmp_path / "pairs.parquet")
+    full = LatentPreferenceModel.load(train_spm(_cfg(tiny_dirs, data, tmp_path / "full")))
+    train_spm(_cfg(tiny_dirs, data, tmp_path / "cut", max_steps=2))
+    cut = LatentPreferenceModel.load(train_spm(_cfg(tiny_dirs, data, tmp_path / "cut")))
+    a, b = full.state_dict(), cut.state_dict()
+    assert a.keys() == b.keys() and not any(k.startswith("unet.up_blocks") for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    start = LatentPreferenceModel.from_base(load_model(tiny_dirs["sd15"], device="cpu", dtype="fp32")).state_dict()
+    assert max((a[k] - start[k]).abs().max().item() for k in a if k in start and "head" not in k) > 0, "it trained"
+
+
+def test_scores_never_decode_and_ignore_a_vae_swap(tiny_dirs, tiny_lspm):
+    model = load_model(tiny_dirs["sd15"], device="cpu", dtype="fp32")
+    other = load_model(tiny_dirs["sd15"], device="cpu", dtype="fp32")
+    with torch.no_grad():
+        for p in other.vae.parameters():
+            p.add_(torch.randn_like(p))
+    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue square", "a photo of a cat"]
+    a = Scorer.from_path(tiny_lspm, model).score_latents(z, prompts, 500)
+    b = Scorer.from_path(tiny_lspm, other).score_latents(z, prompts, 500)
+    assert torch.equal(a, b) and a.std() > 0
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("the latent SPM path decoded a latent")
+
+    model.decode = no_decode
+    model.vae.decode = no_decode
+    cfg = load_config(SPOConfig, None, ["num_steps=6", "divert_start_step=2", "pool_size=3", "threshold=0"])
+    pairs, stats = rollout(model, model.unet, Scorer.from_path(tiny_lspm, model), prompts[:2], cfg,
+                           torch.Generator().manual_seed(1))
+    assert len(pairs) == 2 * 4 and stats["pair_yield"] == 1.0
+
+
+def test_wrong_family_latents_are_a_clear_error(tiny_dirs, tiny_lspm):
+    sdxl = load_model(tiny_dirs["sdxl"], device="cpu", dtype="fp32")
+    with pytest.raises(ValueError, match="reads SD1.5 latents, but the model is SDXL"):
+        Scorer.from_path(tiny_lspm, sdxl)
+    scorer = Scorer.from_path(tiny_lspm)
+    with pytest.raises(ValueError, match="reads sd15 latents with 4 channels"):
+        scorer.score_latents(torch.randn(1, 16, 8, 8), ["a red circle"], 0)
+    with pytest.raises(ValueError, match="reads SD1.5 latents, but the latents are SDXL's"):
+        scorer.score_latents(torch.randn(1, 4, 8, 8), ["a red circle"], 0, family="sdxl")
+
+
+def test_eval_hands_the_latent_spm_the_same_noisy_latents(tiny_dirs, tiny_lspm, tmp_path):
+    """bucket_verdicts scores a latent SPM on z_t and leaves the pixel scorers' numbers as they were."""
+    model = load_model(tiny_dirs["sd15"], device="cpu", dtype="fp32")
+    data = write_pairs(tmp_path / "pairs.parquet")
+    pairs = load_pairs(data)
+    assert pairs
+    latent = Scorer.from_path(tiny_lspm, model)
+    both = bucket_verdicts({"lspm": (latent, True)}, model, pairs, buckets=(0, 500), batch_size=4)
+    again = bucket_verdicts({"lspm": (latent, True)}, model, pairs, buckets=(0, 500), batch_size=4)
+    assert both == again and set(both) == {"clean", "0", "500"} and len(both["500"]["lspm"]) == len(pairs)
+    assert isinstance(latent, LatentScorer)
