@@ -175,8 +175,8 @@ def spo_guided(model, x, sigmas, extra_args=None, callback=None, disable=None, e
     passes. The last step (σ' = 0) is deterministic: x = x̂0. With k = 1 this is `spo_ddim`
     exactly, same seed, same result.
 
-    `judge(denoised [B·k, C, H, W], sigma) -> scores [B·k]`; rows are (batch row, candidate) in
-    that order. `record` collects the per-step scores.
+    `judge(denoised [B·k, C, H, W], sigma, candidates) -> scores [B·k]`; rows are (batch row, candidate)
+    in that order (a latent SPM's judge reads the candidates themselves). `record` collects the per-step scores.
     """
     if k < 1:
         raise ValueError(f"k (candidates per step) must be >= 1, got {k}")
@@ -202,7 +202,7 @@ def spo_guided(model, x, sigmas, extra_args=None, callback=None, disable=None, e
         if k == 1:
             chosen = torch.zeros(b, dtype=torch.long)
         else:
-            scores = judge(cand_denoised, sigmas[i + 1]).float().cpu().view(b, k)
+            scores = judge(cand_denoised, sigmas[i + 1], candidates).float().cpu().view(b, k)
             chosen = scores.argmax(dim=1)
             if record is not None:
                 record.steps.append(GuidedStep(step=i, sigma_next=float(sigmas[i + 1]), scores=scores, chosen=chosen))
@@ -258,7 +258,7 @@ def spo_pool(model, x, sigmas, extra_args=None, callback=None, disable=None, eta
         candidates = (mean[:, None] + scale * z).reshape(b * k, *x.shape[1:])
         sigma_next = sigmas[i + 1]
         cand_denoised = model(candidates, sigma_next * candidates.new_ones([b * k]), **extra_args)
-        scores = judge(cand_denoised, sigma_next).float().cpu().view(b, k)
+        scores = judge(cand_denoised, sigma_next, candidates).float().cpu().view(b, k)
         pool.step, pool.sigma, pool.sigma_next = i, float(sigmas[i]), float(sigma_next)
         pool.x = x.detach().cpu()
         pool.candidates = candidates.view(b, k, *x.shape[1:]).detach().cpu()

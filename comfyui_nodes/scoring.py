@@ -9,7 +9,9 @@ few attributes ComfyUI's own samplers use:
 
 where `base` is the `BaseModel` (`model_patcher.model`, or `guider.inner_model` inside a sampler).
 The SPM scores the decoded x̂0 at the timestep of the σ it was predicted from (SPO §4.1), exactly
-as `backend.preference.evaluate.score_trajectory` does: full VAE decode, the SPM resizes.
+as `backend.preference.evaluate.score_trajectory` does: full VAE decode, the SPM resizes. A latent
+SPM (`reads_noisy_latents`) scores the sampler's own noisy latent instead, with no decode: ComfyUI's
+x = x0 + σ·ε in the scaled space is diffusers' x_t = x/√(1+σ²) at t(σ).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class LatentJudge:
         self.scorer = scorer
         self.vae = vae
         self.prompt = prompt.strip()
+        self.reads_noisy_latents = bool(getattr(scorer, "reads_noisy_latents", False))
         self.base = None
         if base_model is not None:
             self.bind(base_model)
@@ -90,8 +93,21 @@ class LatentJudge:
         return self.scorer.score_images(images, [self.prompt] * images.shape[0], t).float().cpu()
 
     @torch.no_grad()
-    def __call__(self, x0: torch.Tensor, sigma) -> torch.Tensor:
-        """Scores [B] of x̂0 predicted at σ: decoded, judged at t(σ); a clean image (σ = 0) at t = 0."""
+    def score_noisy(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """A latent SPM's scores [B] of the sampler's latents x at σ (or one σ per row, a [B] tensor)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).cpu()
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        t = torch.tensor([0 if float(s) == 0.0 else self.timestep(s) for s in sigma], dtype=torch.long)
+        x_t = x.float().cpu() / torch.sqrt(1 + sigma**2).view(-1, 1, 1, 1)
+        return self.scorer.score_latents(x_t, [self.prompt] * x.shape[0], t).float().cpu()
+
+    @torch.no_grad()
+    def __call__(self, x0: torch.Tensor, sigma, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B] of x̂0 predicted at σ: decoded, judged at t(σ); a clean image (σ = 0) at t = 0.
+        A latent SPM judges `x`, the latents at σ themselves (x̂0 when σ = 0)."""
+        if self.reads_noisy_latents:
+            return self.score_noisy(x0 if x is None or float(sigma) == 0.0 else x, sigma)
         t = 0 if float(sigma) == 0.0 else self.timestep(sigma)
         return self.score_images(self.decode(x0), t)
 
@@ -174,16 +190,21 @@ class StepRecorder:
             self._worker = threading.Thread(target=self._run, name="spo-step-scorer", daemon=True)
             self._worker.start()
 
-    def _score(self, jobs: list[tuple[int, torch.Tensor]]) -> list[StepResult]:
-        """Scores the x̂0 of several steps in one batch; each row judged at its own step's t."""
-        ts = [self.judge.timestep(self.sigmas[step]) for step, _ in jobs]
-        sizes = [x0.shape[0] for _, x0 in jobs]
-        images = self.judge.decode(torch.cat([x0 for _, x0 in jobs]))
-        t_rows = torch.tensor([t for t, n in zip(ts, sizes) for _ in range(n)], dtype=torch.long)
-        scores = self.judge.score_images(images, t_rows)
+    def _score(self, jobs: list[tuple]) -> list[StepResult]:
+        """Scores the x̂0 of several steps in one batch; each row judged at its own step's t (a latent SPM:
+        the step's noisy latent x, with no decode; the x̂0 is decoded for the thumbnails only)."""
+        ts = [self.judge.timestep(self.sigmas[job[0]]) for job in jobs]
+        sizes = [job[1].shape[0] for job in jobs]
+        images = self.judge.decode(torch.cat([job[1] for job in jobs]))
+        if self.judge.reads_noisy_latents:
+            sig = torch.tensor([self.sigmas[job[0]] for job in jobs for _ in range(job[1].shape[0])])
+            scores = self.judge.score_noisy(torch.cat([job[2] for job in jobs]), sig)
+        else:
+            t_rows = torch.tensor([t for t, n in zip(ts, sizes) for _ in range(n)], dtype=torch.long)
+            scores = self.judge.score_images(images, t_rows)
         thumbs = thumbnails(images, self.thumb_size)
         out, start = [], 0
-        for (step, _), t, n in zip(jobs, ts, sizes):
+        for (step, *_), t, n in zip(jobs, ts, sizes):
             out.append(StepResult(step, t, [float(s) for s in scores[start:start + n]], thumbs[start:start + n]))
             start += n
         return out
@@ -211,9 +232,9 @@ class StepRecorder:
         if step >= len(self.sigmas) - 1:
             raise IndexError(f"step {step} is outside the {len(self.sigmas) - 1}-step schedule")
         if self.overlap:
-            self._jobs.put((step, x0.detach().clone()))
+            self._jobs.put((step, x0.detach().clone(), x.detach().clone()))
         else:
-            for result in self._score([(step, x0.detach())]):
+            for result in self._score([(step, x0.detach(), x.detach())]):
                 self._new.put(result)
 
     def drain(self) -> list[StepResult]:

@@ -4,7 +4,7 @@ An SPM is a folder (`spm.json`, `clip/`, `tokenizer/`, `time_conditioning.safete
 `StepAwarePreferenceModel.save` writes it), a plain CLIP/PickScore folder to start an SPM from, or an
 official SPO checkpoint file (`sd-v1-5_step-aware_preference_model.bin`, `.safetensors` too) lying
 inside the CLIP folder it was initialised from or next to exactly one CLIP folder (PickScore_v1 with
-CLIP-ViT-H-14's tokenizer files). The node lists these under ComfyUI's `spo_preference` model folders
+CLIP-ViT-H-14's tokenizer files), or a latent SPM folder (`lspm.json`). The node lists these under ComfyUI's `spo_preference` model folders
 (models/spo_preference by default, more through extra_model_paths.yaml), plus the pocket SPM shipped
 with this pack.
 """
@@ -28,8 +28,8 @@ _FOLDER_WEIGHTS = re.compile(r"^(pytorch_model|model|diffusion_pytorch_model|ope
 
 
 def is_preference_model(folder: Path) -> bool:
-    """An SPM folder, or a CLIP model folder (config.json of model_type "clip")."""
-    return (folder / "spm.json").is_file() or is_clip_folder(folder)
+    """An SPM folder, a latent SPM folder (lspm.json), or a CLIP model folder (config.json of model_type "clip")."""
+    return (folder / "spm.json").is_file() or (folder / "lspm.json").is_file() or is_clip_folder(folder)
 
 
 def find_models(roots: list[str]) -> dict[str, Path]:
@@ -42,7 +42,7 @@ def find_models(roots: list[str]) -> dict[str, Path]:
         for current, dirs, files in os.walk(root_path, followlinks=True):
             here = Path(current)
             depth = len(here.relative_to(root_path).parts)
-            if not (here / "spm.json").is_file():
+            if not ((here / "spm.json").is_file() or (here / "lspm.json").is_file()):
                 for file in sorted(files):
                     if file.lower().endswith(CHECKPOINT_SUFFIXES) and not _FOLDER_WEIGHTS.match(file):
                         found.setdefault((here / file).relative_to(root_path).as_posix(), here / file)
@@ -64,7 +64,6 @@ def load_scorer(name: str, roots: list[str], device=None, latent_decode: bool = 
     """The backend `Scorer` for a listed name (the SPO_PREFERENCE value); `latent_decode` makes the
     scoring nodes use the fast preview decode (x̂0 shrunk to the SPM's input size before the VAE)."""
     from ..backend.preference.scoring import Scorer
-    from ..backend.preference.spm import StepAwarePreferenceModel
 
     if name == POCKET:
         scorer = Scorer.from_path("pocket", device=device, latent_decode=latent_decode)
@@ -76,4 +75,4 @@ def load_scorer(name: str, roots: list[str], device=None, latent_decode: bool = 
         raise FileNotFoundError(f"preference model {name!r} not found in {where}; put SPM folders "
                                 f"(spm.json + clip/), a PickScore/CLIP folder, or an official SPO .bin there")
     logger.info("SPM Loader: %s", models[name])
-    return Scorer(StepAwarePreferenceModel.load(models[name]), device=device, latent_decode=latent_decode)
+    return Scorer.from_path(models[name], device=device, latent_decode=latent_decode)

@@ -23,6 +23,7 @@ from spo_studio.backend.models import load_model
 from spo_studio.backend.preference.evaluate import score_trajectory
 from spo_studio.backend.preference.scoring import Scorer
 from spo_studio.comfyui_nodes import lora_loader, run, sampling, spm_loader, standalone
+from spo_studio.comfyui_nodes.scoring import LatentJudge
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle"
@@ -344,6 +345,29 @@ def test_spm_loader_lists_and_loads_official_files(official, tmp_path):
                               clip_folder=official["clip"])
     images = torch.rand(2, 3, 16, 16)
     assert torch.equal(scorer.score_images(images, [PROMPT] * 2, 500), direct.score_images(images, [PROMPT] * 2, 500))
+
+
+def test_latent_spm_scores_the_samplers_own_latents(tiny, tmp_path):
+    """With a latent SPM the Step Scorer scores every step's x_t (no decode), as `score_trajectory` does."""
+    from spo_studio.backend.preference.latent_spm import LatentPreferenceModel
+
+    path = LatentPreferenceModel.from_base(tiny["model"], head_dim=16).save(tmp_path / "lspm")
+    root = tmp_path / "spo_preference"
+    root.mkdir()
+    (root / "mine").symlink_to(path, target_is_directory=True)
+    assert spm_loader.choices([str(root)]) == [spm_loader.POCKET, "mine"]
+    scorer = spm_loader.load_scorer("mine", [str(root)])
+    ref = score_trajectory(tiny["model"], Scorer.from_path(path, tiny["model"]), PROMPT, seed=7, num_steps=10,
+                           cfg_scale=5.0, eta=1.0)
+    _, (_, _, _, trace) = _scorer_run({**tiny, "scorer": scorer})
+    ours = torch.tensor([s[0] for s in trace.scores])
+    assert torch.allclose(ours, torch.tensor(ref["scores"]), atol=1e-4, rtol=1e-4), (ours, ref["scores"])
+    assert ours.std() > 0
+    # the guided sampler's judge reads the candidates themselves: x' / √(1 + σ²) at t(σ)
+    judge = LatentJudge(scorer, tiny["vae"], PROMPT, base_model=tiny["patcher"].model)
+    x = torch.randn(3, 4, 8, 8)
+    expected = scorer.score_latents(x / math.sqrt(1 + 2.0**2), [PROMPT] * 3, judge.timestep(2.0))
+    assert torch.allclose(judge(torch.zeros_like(x), 2.0, x), expected)
 
 
 def test_pack_imports_without_comfyui():

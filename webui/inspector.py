@@ -187,7 +187,10 @@ class Inspector:
                     shown, t_scored = nxt.x0_hat, t_next
                 else:  # the last step's candidates are clean images, scored at t = 0
                     shown, t_scored = flat, 0
-                scores = scorer.score_latents(shown, [prompt] * k, t_scored).float().cpu()
+                if getattr(scorer, "reads_noisy_latents", False):  # a latent SPM reads the candidates themselves
+                    scores = scorer.score_latents(flat, [prompt] * k, max(rec.t_prev, 0)).float().cpu()
+                else:
+                    scores = scorer.score_latents(shown, [prompt] * k, t_scored).float().cpu()
                 win, lose, keep = select_pairs(scores[None], float(threshold))
                 images = to_uint8(m.decode(shown), size=192)
                 shared = to_uint8(m.decode(pred.x0_hat), size=192)[0]

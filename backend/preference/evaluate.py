@@ -178,15 +178,19 @@ def write_eval(result: dict, out_dir: Path) -> None:
 @torch.no_grad()
 def score_trajectory(model, scorer: Scorer, prompt: str, seed: int = 0, num_steps: int = 20, cfg_scale: float = 5.0,
                      eta: float = 1.0, unet=None) -> dict:
-    """Sample one trajectory and score every step's x̂0 at its timestep; returns scores and thumbnails."""
+    """Sample one trajectory and score every step's x̂0 at its timestep (a latent SPM: the step's x_t itself);
+    returns scores and thumbnails."""
     from .. import diffusion
 
     traj = diffusion.sample(model, [prompt], num_steps=num_steps, cfg_scale=cfg_scale, eta=eta,
                             generator=torch.Generator().manual_seed(seed), unet=unet)
     x0 = torch.cat([s.x0_hat for s in traj.steps])
     ts = torch.tensor(traj.timesteps)
-    images = scorer.decode(x0) if scorer.decode_size or scorer.latent_decode else model.decode(x0)
-    scores = scorer.score_images(images, [prompt] * len(ts), ts)
+    if getattr(scorer, "reads_noisy_latents", False):
+        scores = scorer.score_latents(torch.cat([s.x_t for s in traj.steps]), [prompt] * len(ts), ts)
+    else:
+        images = scorer.decode(x0) if scorer.decode_size or scorer.latent_decode else model.decode(x0)
+        scores = scorer.score_images(images, [prompt] * len(ts), ts)
     final = model.decode(traj.latents)
     return {"prompt": prompt, "seed": seed, "steps": num_steps, "cfg_scale": cfg_scale, "eta": eta,
             "timesteps": ts.tolist(), "scores": scores.tolist(), "thumbnails": model.decode(x0).cpu(),
