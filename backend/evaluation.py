@@ -50,14 +50,10 @@ def mean_se(values) -> dict:
 
 
 def load_eval_prompts(spec: str) -> list[str]:
-    """'pocket-held-out' / 'pocket-train' (the pocket split), or a .txt / .json prompts file."""
-    if spec in ("pocket-held-out", "pocket-train"):
-        from .pocket import world
+    """'pocket-held-out' / 'pocket-train' (the pocket split), or a .txt / .json / .parquet prompts file."""
+    from . import sources
 
-        return world.prompt_split().prompts("held_out" if spec == "pocket-held-out" else "train")
-    from .train.loop import load_prompts
-
-    return load_prompts(spec)
+    return sources.prompts(spec)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def test_every_field_of_shipped_configs_has_help_and_presets_load():
 def test_every_training_preset_loads_into_its_method_config():
     from pathlib import Path
 
-    from spo_studio.backend.train.cli import METHODS
+    from spo_studio.backend.train.methods import METHODS
 
     root = Path(__file__).resolve().parents[1] / "configs"
     import importlib

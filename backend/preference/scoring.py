@@ -61,12 +61,9 @@ class Scorer:
                   **kwargs) -> "Scorer":
         """'pocket' (the shipped pocket SPM), an SPM folder, a CLIP/PickScore folder, or an official SPO
         checkpoint file with the CLIP folder it was initialised from (`clip_folder`, or found beside it)."""
-        if str(path) == "pocket":
-            from .train import POCKET_SPM_DIR
+        from .. import sources
 
-            if not (POCKET_SPM_DIR / "spm.json").exists():
-                raise FileNotFoundError(f"{POCKET_SPM_DIR}: the pocket SPM is not built; run `spo pocket build`")
-            path = POCKET_SPM_DIR
+        path = sources.spm(path)
         return cls(StepAwarePreferenceModel.load(path, clip_folder=clip_folder or None), base_model, **kwargs)
 
     @torch.no_grad()

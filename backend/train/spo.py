@@ -34,11 +34,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import diffusion
+from .. import diffusion, sources
 from ..config import option
 from ..models import DiffusionModel, TextConditioning
 from .common import TrainConfig
-from .loop import Method, reference_pass
+from .method import Method, reference_pass
 
 logger = logging.getLogger(__name__)
 
@@ -273,12 +273,11 @@ class SPOMethod(Method):
 
     def __init__(self, cfg: SPOConfig, model: DiffusionModel, accelerator):
         from ..preference.scoring import Scorer
-        from .loop import load_prompts
 
         super().__init__(cfg, model, accelerator)
         self.scorer = Scorer.from_path(cfg.spm, model, clip_folder=cfg.spm_clip, decode_size=cfg.decode_size,
                                        latent_decode=cfg.fast_decode)
-        self.prompts = load_prompts(cfg.prompts)
+        self.prompts = sources.prompts(cfg.prompts)
         self.world = accelerator.num_processes
         self.per_round = cfg.prompts_per_round * self.world
 
@@ -308,3 +307,10 @@ class SPOMethod(Method):
             ref_w, ref_l = reference_pass(raw_unet, lambda: pair_log_probs(self.model, raw_unet, batch, cond,
                                                                           negative, self.cfg))
         return spo_loss(lp_w, lp_l, ref_w, ref_l, self.cfg.beta, self.cfg.clip_range, weight)
+
+
+def train_spo(cfg: SPOConfig, run_stop=None) -> dict:
+    """`loop.train` with SPO: run (or resume) SPO fine-tuning as `cfg` says; returns the run summary."""
+    from .loop import train
+
+    return train(cfg, SPOMethod, run_stop)
