@@ -2,7 +2,7 @@
 
     spo pocket build --stage report      # writes backend/pocket/report.json, pocket_grid.png, spm_eval.*
 
-Prompt following is measured as the issue asks: DDIM 20 steps (η = 0), CFG 5, the alignment judge
+Prompt following is measured with the paper's evaluation sampler: DDIM 20 steps (η = 0), CFG 5, the alignment judge
 on every (prompt, seed), separately for training and held-out prompt combinations, with n.
 """
 
