@@ -55,7 +55,8 @@ class SPOConfig(TrainConfig):
     spm_clip: str = option("", "for an official SPM checkpoint file: the CLIP folder it was initialised from "
                                "(PickScore_v1 config + CLIP-ViT-H-14 tokenizer); empty: found beside the file")
     prompts: str = option("pocket", "training prompts: 'pocket' (the pocket training prompts) or a .txt "
-                                    "(one per line) / .json (list of strings) file")
+                                    "(one per line) / .json (list of strings) / .parquet (a `caption` or "
+                                    "`prompt` column) file")
     num_steps: int = option(20, "DDIM sampling steps of a rollout")
     eta: float = option(1.0, "DDIM η of the rollout (1: σ_t is the DDPM posterior std)")
     cfg_scale: float = option(5.0, "classifier-free guidance scale of rollout and loss")
