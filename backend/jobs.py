@@ -7,9 +7,9 @@
     python -m spo_studio.backend.job_runner worker runs/jobs.db 7    # what `dispatch` spawns, detached
 
 The contract between trainer and page is files and SQLite, never memory:
-  * `submit` validates the config with the method's dataclass (the registry `train.methods.METHODS`), writes
-    `<run>/job.yaml` and a `queued` row. `dispatch` starts queued jobs in FIFO order, one job per GPU
-    (one at a time on a CPU machine); the head of the queue waits for its GPUs, nothing jumps it.
+  * `submit` validates the config with the method's dataclass (the registry `train.methods`),
+    writes `<run>/job.yaml` and a `queued` row. `dispatch` starts queued jobs in FIFO order, one job
+    per GPU (one at a time on a CPU machine); the head of the queue waits for its GPUs, nothing jumps it.
   * A job runs as a *supervisor* process in its own session (so it outlives the page and an app
     restart) that starts the trainer (`spo train --config job.yaml`, or `accelerate launch` for
     several GPUs), tails its `metrics.jsonl` / `events.jsonl` into the `metrics` and `images`
@@ -31,7 +31,6 @@ The parts, by where they run; this module re-exports their public names:
   * `job_runner`: the supervisor of one job (a detached process per job);
   * `job_queue`: process helpers and the watchdog (a detached process per job database).
 """
-
 
 from __future__ import annotations
 
