@@ -25,7 +25,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def verdict(report: dict) -> dict:
-    """The issue's checks, as numbers: SPO's aesthetic gain over base in standard errors (paired),
+    """The demo's checks, as numbers: SPO's aesthetic gain over base in standard errors (paired),
     its alignment change, and SPO − DPO on aesthetic."""
     spo, dpo = report["vs_base"]["spo"], report["vs_base"]["dpo"]
     gain = spo["aesthetic"]

@@ -16,7 +16,7 @@ Math from the DDIM paper (Song et al. 2021, arXiv 2010.02502). Notation
   - x_prev               -> x_{t−1} = μ + σ_t·z, z ~ N(0, I)                    (DDIM eq. 12)
 
 η = 0 is the deterministic DDIM sampler; η = 1 makes σ_t the DDPM posterior standard deviation,
-which is what SPO samples with (SPO paper §4; DESIGN §5). The transition log-probability is the
+which is what SPO samples with (SPO paper §4). The transition log-probability is the
 Gaussian log-density of x_{t−1} under N(μ, σ_t²I), averaged over the C·H·W elements (a mean, not
 a sum, as in SPO's official code), giving one number per sample.
 
@@ -186,7 +186,8 @@ def complete(model: DiffusionModel, pred: StepPrediction, cond: TextConditioning
 def transition_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
     """log N(x_{t−1}; μ, σ_t²I), averaged over all non-batch elements → [B].
 
-    Per element: −(x−μ)²/(2σ²) − log σ − ½·log(2π). A mean over C·H·W, not a sum (DESIGN §5).
+    Per element: −(x−μ)²/(2σ²) − log σ − ½·log(2π). A mean over C·H·W, not a sum, as SPO's official code
+    takes it: the log p_θ(x_{t−1} | x_t) of SPO eq. 9, whose scale does not grow with the latent's size.
     """
     if sigma <= 0:
         raise ValueError(f"the transition log-probability needs sigma_t > 0 (eta > 0); got sigma={sigma}")

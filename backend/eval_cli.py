@@ -11,7 +11,7 @@ def args_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="[NAME=]FILE",
                    help="a LoRA to compare with the base (repeatable; either format)")
     p.add_argument("--prompts", default="pocket-held-out",
-                   help="'pocket-held-out', 'pocket-train', or a .txt / .json prompts file")
+                   help="'pocket-held-out', 'pocket-train', or a .txt / .json / .parquet prompts file")
     p.add_argument("--out", required=True, help="output folder for report.json and grid.png")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")

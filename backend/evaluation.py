@@ -11,7 +11,7 @@ protocol), so differences are paired. Metrics:
     `laion_aesthetic` (the improved-aesthetic-predictor MLP .pth on a CLIP ViT-L/14 folder),
     `hpsv2` (a HPS_v2*.pt; needs the optional `hpsv2` package) and `image_reward` (an ImageReward.pt;
     needs the optional `image-reward` package) — each only when its weights are given as local paths.
-`report.json` (DESIGN §6): per variant and metric mean, standard error and n; for each LoRA the
+`report.json`: per variant and metric mean, standard error and n; for each LoRA the
 paired difference to base (mean, standard error, n); prompts file, seeds, sampler settings; and a
 side-by-side grid PNG (one row per prompt, one column per variant).
 """
@@ -50,14 +50,10 @@ def mean_se(values) -> dict:
 
 
 def load_eval_prompts(spec: str) -> list[str]:
-    """'pocket-held-out' / 'pocket-train' (the pocket split), or a .txt / .json prompts file."""
-    if spec in ("pocket-held-out", "pocket-train"):
-        from .pocket import world
+    """'pocket-held-out' / 'pocket-train' (the pocket split), or a .txt / .json / .parquet prompts file."""
+    from . import sources
 
-        return world.prompt_split().prompts("held_out" if spec == "pocket-held-out" else "train")
-    from .train.loop import load_prompts
-
-    return load_prompts(spec)
+    return sources.prompts(spec)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def _unlock(f) -> None:
 
 
 def _active(store) -> int:
-    from .jobs import ACTIVE
+    from .job_records import ACTIVE
 
     with store._read() as db:
         return db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({','.join('?' * len(ACTIVE))})",
@@ -161,7 +161,7 @@ def start_watchdog(db_path: str | Path) -> bool:
 def run_watchdog(db_path: str | Path, period: float = WATCH_PERIOD) -> int:
     """Reconcile the store every `period` seconds (a dead supervisor's job fails, the next queued job
     starts) while any job is active; exit when none is, or when another watchdog holds the lock."""
-    from .jobs import JobStore
+    from .job_store import JobStore
 
     db_path = Path(db_path)
     store = JobStore(db_path.parent, db_path=db_path)

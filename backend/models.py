@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .sources import POCKET_MODEL_DIR
+
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("sd15", "sdxl")
@@ -34,7 +36,7 @@ SUPPORTED = (
     "supported: Stable Diffusion 1.x ('sd15', epsilon prediction) and SDXL base 1.0 ('sdxl'), "
     "as a diffusers folder or a single .safetensors file, or 'pocket'"
 )
-POCKET_DIR = Path(__file__).resolve().parent / "pocket" / "model"
+POCKET_DIR = POCKET_MODEL_DIR  # what the name "pocket" loads (see `sources`)
 
 
 class ModelLoadError(ValueError):

@@ -33,7 +33,7 @@ logger = logging.getLogger("bench.comfy_step_scorer")
 def pocket_scorer():
     """The shipped pocket SPM, or a random one of its size when it is not built yet."""
     from spo_studio.backend.preference.scoring import Scorer
-    from spo_studio.backend.preference.train import POCKET_SPM_DIR
+    from spo_studio.backend.sources import POCKET_SPM_DIR
 
     if (POCKET_SPM_DIR / "spm.json").exists():
         return Scorer.from_path("pocket"), "pocket SPM (shipped)"

@@ -58,8 +58,7 @@ def main(argv=None) -> int:
     from spo_studio.backend.config import load_config
     from spo_studio.backend.evaluation import EvalSettings, load_eval_prompts, sample_images
     from spo_studio.backend.models import load_model
-    from spo_studio.backend.train.loop import train_spo
-    from spo_studio.backend.train.spo import SPOConfig
+    from spo_studio.backend.train.spo import SPOConfig, train_spo
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rung", choices=sorted(RUNGS), required=True)

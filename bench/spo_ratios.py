@@ -36,7 +36,9 @@ def main() -> int:
     from spo_studio.backend.models import load_model
     from spo_studio.backend.preference.scoring import Scorer
     from spo_studio.backend.runs import latest_checkpoint, load_checkpoint
-    from spo_studio.backend.train.loop import attach_trainable_lora, load_lora_state, load_prompts, reference_pass
+    from spo_studio.backend.sources import prompts as load_prompts
+    from spo_studio.backend.train.loop import attach_trainable_lora, load_lora_state
+    from spo_studio.backend.train.method import reference_pass
     from spo_studio.backend.train.spo import SPOConfig, pair_log_probs, rollout
 
     run = Path(args.run_dir)

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from spo_studio.backend.models import load_model
     from spo_studio.backend.pocket.preference_data import crowd_utility
     from spo_studio.backend.preference.scoring import Scorer
-    from spo_studio.backend.train.loop import load_prompts
+    from spo_studio.backend.sources import prompts as load_prompts
     from spo_studio.backend.train.spo import SPOConfig, select_pairs
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

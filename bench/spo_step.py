@@ -127,7 +127,7 @@ class OfficialScorer:
 
 
 def train_pairs(model, unet, raw_unet, ref_unet, pairs, cfg, optimizer, official: bool, autocast):
-    from spo_studio.backend.train.loop import reference_pass
+    from spo_studio.backend.train.method import reference_pass
     from spo_studio.backend.train.spo import Pairs, pair_log_probs, spo_loss
 
     for i in range(0, len(pairs), cfg.train_batch_size):
@@ -159,7 +159,8 @@ def run_side(official: bool, args, device, dtype, fast_decode: bool = False) -> 
     from spo_studio.backend.models import load_model
     from spo_studio.backend.preference.scoring import Scorer
     from spo_studio.backend.preference.spm import StepAwarePreferenceModel
-    from spo_studio.backend.train.loop import attach_trainable_lora, load_prompts
+    from spo_studio.backend.sources import prompts as load_prompts
+    from spo_studio.backend.train.loop import attach_trainable_lora
     from spo_studio.backend.train.spo import SPOConfig, rollout
 
     gc.collect()
@@ -212,7 +213,7 @@ def run_side(official: bool, args, device, dtype, fast_decode: bool = False) -> 
 
 def _spm_path(spec):
     if spec == "pocket":
-        from spo_studio.backend.preference.train import POCKET_SPM_DIR
+        from spo_studio.backend.sources import POCKET_SPM_DIR
 
         return POCKET_SPM_DIR
     return spec

@@ -1,7 +1,7 @@
 """Loading our LoRA files (webui/kohya and diffusers/peft) through ComfyUI's own LoRA patching.
 
 ComfyUI reads kohya keys (`lora_unet_…`, `lora_te_…`) but not the attention projections of modern
-peft/diffusers files (reference §3). So every file is read with `backend.lora.read_lora` and
+peft/diffusers files. So every file is read with `backend.lora.read_lora` and
 re-keyed to kohya names ComfyUI maps, with the true alpha as an explicit `.alpha`:
 
     webui keys              kept as they are (LDM or kohya-diffusers names)

@@ -5,7 +5,7 @@ Pure torch; nothing here imports ComfyUI. The functions have the k-diffusion sig
 
     fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options) -> x
 
-Spaces (ComfyUI / k-diffusion parameterisation, reference §2). ComfyUI's sampler state is
+Spaces (the k-diffusion parameterisation of Karras et al. 2022, as ComfyUI uses it). The sampler state is
 x = x0 + σ·ε in the *scaled* latent space (after `process_latent_in`), and `model(x, σ)` returns
 the CFG-combined one-step prediction x̂0 ("denoised"). The DDPM/diffusers state of the same point
 is x_t = x / √(1+σ²) with ᾱ_t = 1 / (1+σ²), and ε̂ = (x − x̂0) / σ. So one DDIM-η step from σ to

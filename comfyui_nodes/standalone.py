@@ -7,7 +7,8 @@
                                                      vae, scorer, "a red circle", 0, 20, 5.0, "spo_ddim",
                                                      "ddim_uniform")
 
-Stand-ins for ComfyUI's objects, written to behave as ComfyUI does (reference §2), for the tests
+Stand-ins for ComfyUI's objects, written to behave as ComfyUI's `comfy.model_sampling` and
+`comfy.samplers` do, for the tests
 and benchmarks that run where no ComfyUI checkout is (and for models ComfyUI cannot detect, such
 as the pocket model):
 

@@ -65,7 +65,7 @@ def test_every_field_of_shipped_configs_has_help_and_presets_load():
 def test_every_training_preset_loads_into_its_method_config():
     from pathlib import Path
 
-    from spo_studio.backend.train.cli import METHODS
+    from spo_studio.backend.train.methods import METHODS
 
     root = Path(__file__).resolve().parents[1] / "configs"
     import importlib
@@ -83,3 +83,33 @@ def test_every_training_preset_loads_into_its_method_config():
             cfg.validate()
             seen.add(preset.name)
     assert len(seen) == 9
+
+
+def test_one_prompt_reader_for_the_trainer_the_evaluation_and_the_page(tmp_path):
+    """`sources.prompts` (trainer, evaluation) and `jobs.read_prompt_list` (the page) read with the same rules."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from spo_studio.backend import evaluation, jobs, sources
+
+    txt = tmp_path / "p.txt"
+    txt.write_text(" a red circle \n\n a blue square\n")
+    js = tmp_path / "p.JSON"
+    js.write_text('["a red circle", "  ", "a blue square"]')
+    pa_file = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"caption": ["a red circle", None, "a blue square"]}), pa_file)
+    for path in (txt, js, pa_file):
+        assert sources.prompts(str(path)) == ["a red circle", "a blue square"]
+        assert jobs.read_prompt_list(path) == evaluation.load_eval_prompts(str(path)) == sources.prompts(path)
+
+    long = tmp_path / "long.txt"
+    long.write_text("a" * (sources.MAX_PROMPT_CHARS + 1))
+    with pytest.raises(ValueError, match="long.txt: prompt 1 is longer than"):
+        sources.prompts(str(long))
+    with pytest.raises(jobs.JobError, match="long.txt: prompt 1 is longer than"):
+        jobs.read_prompt_list(long)
+    with pytest.raises(FileNotFoundError, match="absent.txt: no such prompts file"):
+        sources.prompts(str(tmp_path / "absent.txt"))
+    with pytest.raises(jobs.JobError, match="absent.txt: no such prompts file"):
+        jobs.read_prompt_list(tmp_path / "absent.txt")
+    assert sources.prompts("pocket") == sources.prompts("pocket-train")
+    assert not set(sources.prompts("pocket")) & set(sources.prompts("pocket-held-out"))

@@ -45,7 +45,7 @@ def tiny_values(spm, prompts, **over) -> dict:
 @pytest.fixture(scope="session")
 def job_spm(tiny_spm):
     """The pocket SPM when it is built, else a small random SPM (the jobs only need scores)."""
-    from spo_studio.backend.preference.train import POCKET_SPM_DIR
+    from spo_studio.backend.sources import POCKET_SPM_DIR
 
     return "pocket" if (POCKET_SPM_DIR / "spm.json").exists() else str(tiny_spm)
 

@@ -1,4 +1,4 @@
-"""LoRA: attach, save (webui/kohya and diffusers/peft), load, convert, merge — issue #3.
+"""LoRA: attach, save (webui/kohya and diffusers/peft), load, convert, merge.
 
 The reference for "the same effect" is always an independent path: our peft model itself,
 diffusers' own `load_lora_weights`, or a weight update computed by hand in the test.

@@ -19,8 +19,7 @@ from spo_studio.backend.config import load_config
 from spo_studio.backend.evaluation import EvalSettings, sample_images
 from spo_studio.backend.models import load_model
 from spo_studio.backend.rewards import RewardStepScorer, check_reward_paths, parse_reward
-from spo_studio.backend.train.loop import train_spo
-from spo_studio.backend.train.spo import SPOConfig
+from spo_studio.backend.train.spo import SPOConfig, train_spo
 
 PROMPTS = ["a red circle", "a blue square", "a green circle", "a photo of a cat"]
 

@@ -5,7 +5,7 @@ import json
 import torch
 from spo_studio.backend.config import load_config
 from spo_studio.backend.runs import read_jsonl
-from spo_studio.backend.train.loop import train_spo
+from spo_studio.backend.train.spo import train_spo
 from spo_studio.backend.train.spo import SPOConfig
 
 

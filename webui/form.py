@@ -1,8 +1,8 @@
 """The Train tab's form, generated from a method's config dataclass (no gradio import here).
 
-Every field of `SPOConfig` / `DPOConfig` / `RPOConfig` (whatever `train.cli.METHODS` holds) becomes one
-input with the field's help text; the page turns the inputs back into a config dict, which the
-dataclass validates. Nothing about a method is written twice.
+Every field of `SPOConfig` / `DPOConfig` / `RPOConfig` (whatever the registry `train.methods.METHODS`
+holds) becomes one input with the field's help text; the page turns the inputs back into a config
+dict, which the dataclass validates. Nothing about a method is written twice.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The pocket model's world: a tiny synthetic text-to-image domain in which the whole mission runs offline on a CPU.
 
-See DESIGN.md §4. Modules (import them directly; this package imports nothing heavy):
+Modules (import them directly; this package imports nothing heavy). What the name `pocket` resolves to
+(model, scorer, SPM, prompts, preference pairs) is written in `backend/sources.py`.
 
 - `world`: a seeded, deterministic generator of coloured shapes on coloured backgrounds, the prompt grammar
   (`VOCABULARY`, `parse_prompt`) and the fixed train / held-out split of prompt combinations.

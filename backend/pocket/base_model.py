@@ -4,7 +4,7 @@
 
 The model is a real diffusers `StableDiffusionPipeline` folder (UNet2DConditionModel, AutoencoderKL,
 DDIMScheduler with SD's scaled_linear schedule, CLIPTextModel + CLIPTokenizer whose words are whole
-tokens), so the same loader reads it and a real SD1.5 folder. Recipe (DESIGN §9, measured here):
+tokens), so the same loader reads it and a real SD1.5 folder. Recipe (each choice measured here):
 
 1. VAE (≈1 M parameters, 64 px → 16×16×4 latents) trained on random 32 px crops (4× cheaper per
    step; the convolutional VAE generalises to full images), L1 + small KL; the latent

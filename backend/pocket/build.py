@@ -86,7 +86,8 @@ def stage_data() -> dict:
 
 def stage_scorer(steps: int = 1500) -> dict:
     from ..config import load_config
-    from ..preference.train import POCKET_SCORER_DIR, SPMTrainConfig, train_spm
+    from ..preference.train import SPMTrainConfig, train_spm
+    from ..sources import POCKET_SCORER_DIR
     from .preference_data import TRAIN_PAIRS
 
     cfg = load_config(SPMTrainConfig, POCKET_ROOT.parents[1] / "configs" / "pocket_scorer.yaml",
@@ -99,7 +100,8 @@ def stage_scorer(steps: int = 1500) -> dict:
 
 def stage_spm(steps: int = 1500) -> dict:
     from ..config import load_config
-    from ..preference.train import POCKET_SPM_DIR, SPMTrainConfig, train_spm
+    from ..preference.train import SPMTrainConfig, train_spm
+    from ..sources import POCKET_SPM_DIR
     from .preference_data import TRAIN_PAIRS
 
     cfg = load_config(SPMTrainConfig, POCKET_ROOT.parents[1] / "configs" / "pocket_spm.yaml",

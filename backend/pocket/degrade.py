@@ -1,5 +1,5 @@
-"""Seeded image degradations of the kinds the pocket model's samples show (DESIGN.md §9: halos, soft or wobbly edges,
-smudges, speckle), for testing the aesthetic judge and for illustrating what it penalises.
+"""Seeded image degradations of the kinds the pocket model's samples show (halos, soft or wobbly edges, smudges,
+speckle), for testing the aesthetic judge and for illustrating what it penalises.
 
 Every function takes a uint8 (H, W, 3) RGB array and returns a new one; the random ones take a seeded
 `np.random.Generator`. Strengths are in intuitive units: pixels for widths and radii, [0, 1] RGB for amplitudes.

@@ -27,18 +27,18 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..sources import POCKET_DATA_DIR, POCKET_HELD_OUT_PAIRS, POCKET_TRAIN_PAIRS
 from . import judges, world
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
-TRAIN_PAIRS = DATA_DIR / "pairs_train.parquet"
-HELD_OUT_PAIRS = DATA_DIR / "pairs_held_out.parquet"
+DATA_DIR = POCKET_DATA_DIR
+TRAIN_PAIRS = POCKET_TRAIN_PAIRS
+HELD_OUT_PAIRS = POCKET_HELD_OUT_PAIRS
 
 CROWD_WEIGHTS = {"alignment": 0.45, "aesthetic": 0.35, "layout": 0.20}
 CROWD_TEMPERATURE = 0.05

@@ -2,7 +2,7 @@
 
     spo pocket build --stage report      # writes backend/pocket/report.json, pocket_grid.png, spm_eval.*
 
-Prompt following is measured as the issue asks: DDIM 20 steps (η = 0), CFG 5, the alignment judge
+Prompt following is measured with the paper's evaluation sampler: DDIM 20 steps (η = 0), CFG 5, the alignment judge
 on every (prompt, seed), separately for training and held-out prompt combinations, with n.
 """
 
@@ -107,7 +107,7 @@ def sample_grid(model, out_png: Path, prompts: list[str] = GRID_PROMPTS, seeds: 
 def stage_report() -> dict:
     from ..models import load_model
     from ..preference.evaluate import eval_spm, write_eval
-    from ..preference.train import POCKET_SCORER_DIR, POCKET_SPM_DIR
+    from ..sources import POCKET_SCORER_DIR, POCKET_SPM_DIR
     from .preference_data import HELD_OUT_PAIRS, TRAIN_PAIRS
 
     model = load_model("pocket", device="cpu")

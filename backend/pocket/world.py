@@ -1,6 +1,6 @@
 """The pocket world: coloured shapes on coloured backgrounds, described by prompts from a small grammar.
 
-This is the synthetic domain of the pocket model (DESIGN.md §4): small enough that a 1-6 M-parameter UNet learns it
+This is the synthetic domain of the pocket model: small enough that a 1-6 M-parameter UNet learns it
 in minutes on a CPU, rich enough that prompt following, compositional generalisation and image quality can all be
 measured. Everything here is pure numpy + PIL and deterministic given a seed.
 

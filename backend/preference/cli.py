@@ -56,17 +56,15 @@ def args_eval_spm(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval_spm(args) -> int:
     from ..models import load_model
+    from ..sources import POCKET_HELD_OUT_PAIRS, POCKET_SCORER_DIR, POCKET_TRAIN_PAIRS
     from .evaluate import BUCKETS, eval_spm, write_eval
-    from .train import POCKET_SCORER_DIR
 
     data, train_data = args.data, args.train_data
     if data is None:
-        from ..pocket.preference_data import HELD_OUT_PAIRS, TRAIN_PAIRS
-
         if args.val_fraction > 0:
-            data = TRAIN_PAIRS
+            data = POCKET_TRAIN_PAIRS
         else:
-            data, train_data = HELD_OUT_PAIRS, train_data or TRAIN_PAIRS
+            data, train_data = POCKET_HELD_OUT_PAIRS, train_data or POCKET_TRAIN_PAIRS
     model = load_model(args.model)
     result = eval_spm(args.spm, args.base_scorer or POCKET_SCORER_DIR, model, data, BUCKETS, args.max_pairs,
                       seed=args.seed, latent_decode=args.latent_decode, train_data=train_data,

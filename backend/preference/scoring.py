@@ -62,14 +62,10 @@ class Scorer:
         """'pocket' (the shipped pocket SPM), an SPM folder, a CLIP/PickScore folder, or an official SPO
         checkpoint file with the CLIP folder it was initialised from (`clip_folder`, or found beside it).
         A latent SPM folder (lspm.json) gives a `latent_spm.LatentScorer`, which reads noisy latents."""
-        if str(path) == "pocket":
-            from .train import POCKET_SPM_DIR
-
-            if not (POCKET_SPM_DIR / "spm.json").exists():
-                raise FileNotFoundError(f"{POCKET_SPM_DIR}: the pocket SPM is not built; run `spo pocket build`")
-            path = POCKET_SPM_DIR
+        from .. import sources
         from .latent_spm import LatentPreferenceModel, LatentScorer, is_latent_spm
 
+        path = sources.spm(path)
         if is_latent_spm(path):
             if clip_folder:
                 raise ValueError(f"{path}: a latent SPM takes no CLIP folder")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import sources
 from ..config import option, save_config
 from ..runs import RunLogger, load_checkpoint, resume_checkpoint, save_checkpoint
 from .data import PickAPicStream
@@ -37,9 +38,6 @@ from .loss import distillation_targets, pair_accuracy, preference_loss
 from .spm import interpolate_weights
 
 logger = logging.getLogger(__name__)
-
-POCKET_SCORER_DIR = Path(__file__).resolve().parents[1] / "pocket" / "scorer"
-POCKET_SPM_DIR = Path(__file__).resolve().parents[1] / "pocket" / "spm"
 
 
 @dataclass
@@ -136,10 +134,8 @@ def build_scorer(init: str, base_model=None):
     """The scorer to train: the shipped pocket scorer, a new pocket CLIP, or a local folder."""
     from .spm import StepAwarePreferenceModel, pocket_clip_config
 
-    if init == "pocket":
-        if not (POCKET_SCORER_DIR / "spm.json").exists():
-            raise FileNotFoundError(f"{POCKET_SCORER_DIR}: the pocket scorer is not built; run `spo pocket build`")
-        return StepAwarePreferenceModel.load(POCKET_SCORER_DIR)
+    if sources.is_named(init):
+        return StepAwarePreferenceModel.load(sources.scorer(init))
     if init == "scratch:pocket":
         from transformers import CLIPModel
 

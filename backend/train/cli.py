@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-# method → (config module, config class, method module, method class)
-METHODS = {
-    "spo": ("spo", "SPOConfig", "spo", "SPOMethod"),
-    "dpo": ("dpo", "DPOConfig", "dpo", "DPOMethod"),
-    "rpo": ("rpo", "RPOConfig", "rpo", "RPOMethod"),
-}
+from .methods import METHODS, config_class, method_class
 
 
 def args_train(p: argparse.ArgumentParser) -> None:
@@ -22,7 +17,6 @@ def args_train(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    import importlib
     from pathlib import Path
 
     import yaml
@@ -36,10 +30,7 @@ def cmd_train(args) -> int:
             raise FileNotFoundError(f"{path}: no such config file")
         method = (yaml.safe_load(path.read_text()) or {}).get("method", "spo")
     method = method or "spo"
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
-    cfg_module, cfg_class, loop_module, fn = METHODS[method]
-    cls = getattr(importlib.import_module(f".{cfg_module}", __package__), cfg_class)
+    cls = config_class(method)  # ValueError for an unknown method
     if args.list_keys:
         defaults = cls()
         for key, text in help_texts(cls).items():
@@ -49,6 +40,6 @@ def cmd_train(args) -> int:
     cfg.check_model()  # LoRA targets and rank against the base model, before a run folder is written
     from .loop import train
 
-    result = train(cfg, getattr(importlib.import_module(f".{loop_module}", __package__), fn))
+    result = train(cfg, method_class(method))
     print(json.dumps(result, indent=2))
     return 0 if result["status"] in ("finished", "stopped") else 1

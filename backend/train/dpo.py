@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import sources
 from ..config import option
 from .common import TrainConfig
-from .loop import Method, reference_pass
-from .offline import LatentPairs, OfflineSource, denoising_errors, make_latent_pairs, resolve_train_data
+from .method import Method, reference_pass
+from .offline import LatentPairs, OfflineSource, denoising_errors, make_latent_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class DPOMethod(Method):
 
     def __init__(self, cfg: DPOConfig, model, accelerator):
         super().__init__(cfg, model, accelerator)
-        self.path = resolve_train_data(cfg.train_data)
+        self.path = sources.train_pairs(cfg.train_data)
         self.source = OfflineSource(self.path, cfg.pairs_per_round, accelerator.process_index,
                                     accelerator.num_processes, cfg.seed, cfg.shuffle_buffer)
         self.embedder = self.make_embedder() if self.uses_embeddings else None

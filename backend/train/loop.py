@@ -20,7 +20,6 @@ Randomness comes from generators seeded by (seed, round) or (seed, epoch), never
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import time
@@ -30,6 +29,7 @@ import torch
 
 from ..config import config_hash, save_config
 from ..runs import RunLogger, load_checkpoint, resume_checkpoint, save_checkpoint
+from .method import Method
 
 logger = logging.getLogger(__name__)
 
@@ -182,82 +182,6 @@ def sample_images(model, unet, prompts: list[str], out_png: Path, seed: int = 12
     tmp.replace(out_png)
 
 
-def load_prompts(spec: str) -> list[str]:
-    """'pocket' → the pocket training prompts; a .txt (one per line) or .json (list of strings) file."""
-    if spec == "pocket":
-        from ..pocket import world
-
-        return world.prompt_split().prompts("train")
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such prompts file")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON ({exc})") from exc
-        if not isinstance(data, list) or not all(isinstance(p, str) and p.strip() for p in data):
-            raise ValueError(f"{path}: expected a JSON list of non-empty strings")
-        prompts = [p.strip() for p in data]
-    elif path.suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    else:
-        raise ValueError(f"{path}: prompts must be a .txt (one per line) or .json (list of strings) file")
-    if not prompts:
-        raise ValueError(f"{path}: no prompts in the file")
-    return prompts
-
-
-class Method:
-    """What a fine-tuning method plugs into the loop (see `spo.SPOMethod`, `dpo.DPOMethod`, `rpo.RPOMethod`).
-
-    A *round* produces training items (pairs) for this process: SPO rolls out the current policy,
-    Diffusion-DPO/-RPO read the next slice of offline pairs. Items are gathered across ranks and cut
-    into micro-batches; `loss` returns the method's loss for one micro-batch.
-    """
-
-    name = "method"
-    items: type  # a pairs class with __len__, index, cat, to_state, from_state
-
-    def __init__(self, cfg, model, accelerator):
-        self.cfg, self.model, self.accelerator = cfg, model, accelerator
-
-    def rounds_per_epoch(self) -> int:
-        raise NotImplementedError
-
-    def make_round(self, round_index: int, epoch: int, policy_unet) -> tuple[object, dict]:
-        raise NotImplementedError
-
-    def loss(self, unet, raw_unet, batch, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
-
-    def pairs_per_round_estimate(self) -> int:
-        raise NotImplementedError
-
-    def sample_prompts(self) -> list[str]:
-        raise NotImplementedError
-
-    def encode(self, prompts: list[str]):
-        """Text conditioning of `prompts`, cached per prompt (a prompt is encoded once per run)."""
-        from ..models import TextConditioning
-
-        cache = self.__dict__.setdefault("_cond_cache", {})
-        for p in dict.fromkeys(prompts):
-            if p not in cache:  # one at a time: a batch's composition must not change the numbers (resume)
-                cache[p] = self.model.encode_prompts([p])
-        return TextConditioning.cat([cache[p] for p in prompts])
-
-
-def reference_pass(raw_unet, fn):
-    """Run `fn()` with the LoRA adapters disabled, under no_grad: the frozen reference model."""
-    with torch.no_grad():
-        raw_unet.disable_adapters()
-        try:
-            return fn()
-        finally:
-            raw_unet.enable_adapters()
-
-
 def train(cfg, method_cls: type[Method], run_stop: StopFlag | None = None) -> dict:
     """Run (or resume) LoRA fine-tuning with `method_cls`; returns a summary (status, steps, LoRA paths)."""
     from accelerate import Accelerator
@@ -403,8 +327,3 @@ def train(cfg, method_cls: type[Method], run_stop: StopFlag | None = None) -> di
     accelerator.wait_for_everyone()
     return {"status": status, "step": step, "lora": files, "run_dir": str(run_dir)}
 
-
-def train_spo(cfg, run_stop: StopFlag | None = None) -> dict:
-    from .spo import SPOMethod
-
-    return train(cfg, SPOMethod, run_stop)

@@ -55,18 +55,6 @@ class LatentPairs:
         return LatentPairs(*(state[f] for f in LatentPairs._TENSORS), state["prompts"])
 
 
-def resolve_train_data(spec: str) -> Path:
-    """'pocket' → the pocket world's training pairs; otherwise a Pick-a-Pic parquet path."""
-    if spec == "pocket":
-        from ..pocket.preference_data import TRAIN_PAIRS
-
-        if not TRAIN_PAIRS.exists():
-            raise FileNotFoundError(f"{TRAIN_PAIRS}: the pocket preference data is not built; run "
-                                    "`spo pocket build --stage data`")
-        return TRAIN_PAIRS
-    return Path(spec).expanduser()
-
-
 def to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     """uint8 [H, W, 3] → float [3, size, size] in [0, 1]: centre crop to a square, then resize."""
     from PIL import Image

@@ -74,14 +74,10 @@ class RPOMethod(DPOMethod):
     uses_embeddings = True
 
     def make_embedder(self):
+        from .. import sources
         from ..preference.scoring import Scorer
 
-        spec = self.cfg.embedding_model
-        if spec == "pocket":
-            from ..preference.train import POCKET_SCORER_DIR
-
-            spec = POCKET_SCORER_DIR
-        return Scorer.from_path(spec, self.model)
+        return Scorer.from_path(sources.scorer(self.cfg.embedding_model), self.model)
 
     def loss(self, unet, raw_unet, batch, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
         omega = similarity_weights(batch.emb.to(weight.device), self.cfg.distance_temperature, weight > 0)

@@ -34,13 +34,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import diffusion
+from .. import diffusion, sources
 from ..config import option
 from ..models import DiffusionModel, TextConditioning
 from ..rewards import MODES as REWARD_MODES
 from ..rewards import is_reward, parse_reward
 from .common import TrainConfig
-from .loop import Method, reference_pass
+from .method import Method, reference_pass
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ class SPOConfig(TrainConfig):
     spm_clip: str = option("", "for an official SPM checkpoint file: the CLIP folder it was initialised from "
                                "(PickScore_v1 config + CLIP-ViT-H-14 tokenizer); empty: found beside the file")
     prompts: str = option("pocket", "training prompts: 'pocket' (the pocket training prompts) or a .txt "
-                                    "(one per line) / .json (list of strings) file")
+                                    "(one per line) / .json (list of strings) / .parquet (a `caption` or "
+                                    "`prompt` column) file")
     num_steps: int = option(20, "DDIM sampling steps of a rollout")
     eta: float = option(1.0, "DDIM η of the rollout (1: σ_t is the DDPM posterior std)")
     cfg_scale: float = option(5.0, "classifier-free guidance scale of rollout and loss")
@@ -298,13 +299,11 @@ class SPOMethod(Method):
 
     def __init__(self, cfg: SPOConfig, model: DiffusionModel, accelerator):
         from ..rewards import step_scorer
-        from .loop import load_prompts
 
         super().__init__(cfg, model, accelerator)
         self.scorer = step_scorer(cfg.spm, model, cfg.reward_mode, cfg.reward_scale, clip_folder=cfg.spm_clip,
-                                  seed=cfg.seed,
-                                  decode_size=cfg.decode_size, latent_decode=cfg.fast_decode)
-        self.prompts = load_prompts(cfg.prompts)
+                                  seed=cfg.seed, decode_size=cfg.decode_size, latent_decode=cfg.fast_decode)
+        self.prompts = sources.prompts(cfg.prompts)
         self.world = accelerator.num_processes
         self.per_round = cfg.prompts_per_round * self.world
 
@@ -334,3 +333,10 @@ class SPOMethod(Method):
             ref_w, ref_l = reference_pass(raw_unet, lambda: pair_log_probs(self.model, raw_unet, batch, cond,
                                                                           negative, self.cfg))
         return spo_loss(lp_w, lp_l, ref_w, ref_l, self.cfg.beta, self.cfg.clip_range, weight)
+
+
+def train_spo(cfg: SPOConfig, run_stop=None) -> dict:
+    """`loop.train` with SPO: run (or resume) SPO fine-tuning as `cfg` says; returns the run summary."""
+    from .loop import train
+
+    return train(cfg, SPOMethod, run_stop)
