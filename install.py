@@ -301,8 +301,8 @@ def refresh_lock(pytest_args: list[str]) -> int:
         if rc != 0:
             fail(f"the suite did not pass in the fresh environment (pytest exit {rc}); "
                  f"{LOCK.name} and {COMFYUI_LOCK.name} are unchanged.")
-        write_lock(LOCK, versions, made_with,
-                   "Exact versions of an environment in which the whole suite passed; written by `python3 install.py lock`.")
+        write_lock(LOCK, versions, made_with, "Exact versions of an environment in which the whole suite passed; "
+                                              "written by `python3 install.py lock`.")
         say(f"wrote {LOCK}")
         if comfy_lock.exists():
             shutil.copyfile(comfy_lock, COMFYUI_LOCK)
