@@ -6,7 +6,8 @@ requirements into the test environment, beside the project's.
     python3 tests/comfyui_env.py --python .venv/bin/python --dest DIR [--tarball PATH]
 
 Defaults: the newest `../shared/comfyui/ComfyUI-*.tar.gz` beside this repository, and the Python
-of `.venv/` (what `python3 install.py` makes). The unpacked tree is DIR/ComfyUI.
+that `python3 install.py` installs into (`.venv/`'s, or the running one inside an active virtualenv
+or ComfyUI's `custom_nodes/`). The unpacked tree is DIR/ComfyUI.
 
 What gets installed, and what never changes:
   * ComfyUI's `requirements.txt` less torch, torchvision and torchaudio: the test environment's
@@ -140,8 +141,8 @@ def install_requirements(python: str, comfy: Path, lock: Path | None) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dest", required=True, help="folder to unpack into (ComfyUI lands in DEST/ComfyUI)")
-    parser.add_argument("--python", default=str(install.venv_python(ROOT / ".venv")),
-                        help="the test environment's interpreter (default: .venv's)")
+    parser.add_argument("--python", default=None,
+                        help="the test environment's interpreter (default: the one install.py installs into)")
     parser.add_argument("--tarball", default=None, help="ComfyUI source tarball (default: the newest in "
                                                         "../shared/comfyui)")
     parser.add_argument("--if-present", action="store_true",
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             install.say(f"no ComfyUI tarball ({SHARED}/ComfyUI-*.tar.gz); nothing to set up")
             return 0
         install.fail(f"no ComfyUI tarball: expected {SHARED}/ComfyUI-*.tar.gz, or pass --tarball.")
+    if args.python is None:
+        args.python = sys.executable if install.in_managed_env() else str(install.venv_python(ROOT / ".venv"))
     if not Path(args.python).exists():
         install.fail(f"{args.python} does not exist; set up the project first (`python3 install.py`).")
     comfy = unpack(tarball, Path(args.dest).resolve())
