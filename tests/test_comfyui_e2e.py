@@ -287,14 +287,21 @@ def server(tmp_path_factory):
 SMALL = {"width": 64, "height": 64, "batch_size": 1, "steps": 4, "pool_step": 1}
 
 
-def load_api_workflow(name: str) -> dict:
-    """An API workflow with our test assets' names and a small size, few steps."""
-    prompt = json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+def shrink(prompt: dict) -> dict:
+    """The prompt, in place, at a small size with few steps."""
     for node in prompt.values():
         inputs = node["inputs"]
         for key, value in SMALL.items():
             if key in inputs and not isinstance(inputs[key], list):
                 inputs[key] = value
+    return prompt
+
+
+def load_api_workflow(name: str) -> dict:
+    """An API workflow with our test assets' names and a small size, few steps."""
+    prompt = shrink(json.loads((WORKFLOWS / f"{name}.api.json").read_text()))
+    for node in prompt.values():
+        inputs = node["inputs"]
         if "ckpt_name" in inputs:
             inputs["ckpt_name"] = CKPT
         if "lora_name" in inputs:

@@ -1,5 +1,6 @@
 """The pack imports as ComfyUI imports it (also beside another pack's top-level `backend`),
-standalone as `spo_studio`, and install.py behaves: torch kept and pinned, idempotent, clear errors."""
+standalone as `spo_studio`, and install.py behaves: torch kept and pinned, idempotent, clear errors,
+the lock applied by its rule and refreshed only by a passing suite (no network: pip is faked)."""
 
 import importlib.util
 import subprocess
@@ -72,28 +73,54 @@ def test_install_rejects_unsupported_python(capsys):
     install.check_python((3, 11))  # supported: no exit
 
 
+def _fake_python(tmp_path: Path) -> Path:
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.touch()
+    return python
+
+
+def _constraints(argv: tuple) -> list[str]:
+    """The contents of every `-c FILE` in a pip call (read during the call: they are temporary files)."""
+    return [Path(argv[i + 1]).read_text() for i, a in enumerate(argv) if a == "-c"]
+
+
+class PipCall(tuple):
+    """A fake pip call's arguments, with `.constraints`: the contents of its `-c` files."""
+
+
+def _fake_env(install, monkeypatch, installed: dict[str, str] | None = None, pip_ok=lambda argv: True):
+    """install.py against a fake environment: torch 2.13.0+cpu, the lock's Python, `installed` packages;
+    returns the list that collects pip's calls (PipCall)."""
+    calls = []
+
+    def fake_pip(python, *argv, check=True):
+        call = PipCall(argv)
+        call.constraints = _constraints(argv)
+        calls.append(call)
+        ok = pip_ok(call)
+        if not ok and check:
+            install.fail("pip failed")
+        return ok
+
+    monkeypatch.setattr(install, "pip", fake_pip)
+    monkeypatch.setattr(install, "has_module", lambda python, module: {
+        "torch": "2.13.0+cpu", "spo_studio.backend": "0.1.0"}.get(module))
+    monkeypatch.setattr(install, "python_version", lambda python: install.read_lock(install.LOCK)[0])
+    monkeypatch.setattr(install, "installed_versions", lambda python: dict(installed or {}))
+    return calls
+
+
 def test_install_keeps_torch_pins_it_and_is_idempotent(tmp_path, monkeypatch):
     install = _load_install()
     monkeypatch.setattr(install, "ROOT", ROOT)
-    calls = []
-    pinned = []
-
-    def fake_pip(python, *argv):
-        calls.append(argv)
-        if "-c" in argv:
-            pinned.append(Path(argv[argv.index("-c") + 1]).read_text())
-
-    versions = {"torch": "2.13.0+cpu", "spo_studio.backend": "0.1.0", "torchvision": None}
-    monkeypatch.setattr(install, "pip", fake_pip)
-    monkeypatch.setattr(install, "has_module", lambda python, module: versions[module])
-    fake_python = tmp_path / "venv" / "bin" / "python"
-    fake_python.parent.mkdir(parents=True)
-    fake_python.touch()
+    calls = _fake_env(install, monkeypatch)
+    fake_python = _fake_python(tmp_path)
 
     install.setup(str(fake_python), with_tests=True)
     assert calls, "first run installs"
-    assert not any("torch==" in a for argv in calls for a in argv if not a.startswith("-")), "torch kept, not reinstalled"
-    assert all(p == "torch==2.13.0+cpu\n" for p in pinned) and len(pinned) == len(calls)
+    assert not any("torch==" in a for argv in calls for a in argv if not a.startswith("-")), "torch kept"
+    assert all(call.constraints[0] == "torch==2.13.0+cpu\n" for call in calls)
     assert any(str(ROOT / "requirements-test.txt") in argv for argv in calls)
     assert (tmp_path / "venv" / install.STAMP_NAME).exists()
 
@@ -107,18 +134,17 @@ def test_install_adds_torch_only_when_missing(tmp_path, monkeypatch):
     state = {"torch": None}
     calls = []
 
-    def fake_pip(python, *argv):
+    def fake_pip(python, *argv, check=True):
         calls.append(argv)
         if argv == (install.DEFAULT_TORCH,):
             state["torch"] = "2.13.0+cpu"
+        return True
 
     monkeypatch.setattr(install, "pip", fake_pip)
     monkeypatch.setattr(install, "has_module",
                         lambda python, module: {"torch": state["torch"], "spo_studio.backend": "0.1.0"}.get(module))
-    fake_python = tmp_path / "venv" / "bin" / "python"
-    fake_python.parent.mkdir(parents=True)
-    fake_python.touch()
-    install.setup(str(fake_python), with_tests=False)
+    monkeypatch.setattr(install, "python_version", lambda python: install.read_lock(install.LOCK)[0])
+    install.setup(str(_fake_python(tmp_path)), with_tests=False)
     assert calls[0] == ("torch==2.13.0",)
 
 
@@ -253,3 +279,145 @@ def test_no_import_cycles_and_module_sizes():
     assert offenders == []
     loop = (ROOT / "backend" / "train" / "loop.py").read_text(encoding="utf-8")
     assert not re.search(r"^\s*from\s+\.(spo|dpo|rpo|methods)\b", loop, re.M)
+# The lock
+# ----------------------------------------------------------------------------------------------
+
+
+def _requirements(path: Path):
+    from packaging.requirements import Requirement
+
+    lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
+    return [Requirement(ln) for ln in lines if ln]
+
+
+def test_locks_are_exact_complete_and_satisfy_the_requirements():
+    install = _load_install()
+    made_with, locked = install.read_lock(install.LOCK)
+    assert made_with and made_with.count(".") == 1, "the lock records the Python it was made with"
+    assert not set(locked) & {"torch", "torchvision", "torchaudio", "pip", "spo-studio"}
+    for req in _requirements(ROOT / "requirements.txt") + _requirements(ROOT / "requirements-test.txt"):
+        name = install.canonical(req.name)
+        if name == "torch":
+            continue
+        assert name in locked, f"{req} is not in requirements.lock"
+        assert req.specifier.contains(locked[name], prereleases=True), f"{req}: locked {locked[name]}"
+    comfy_made_with, comfy_locked = install.read_lock(install.COMFYUI_LOCK)
+    assert comfy_made_with == made_with
+    assert not set(comfy_locked) & set(locked), "tests/comfyui.lock holds only what ComfyUI adds"
+    assert not set(comfy_locked) & {"torch", "torchvision", "torchaudio"}
+
+
+def test_read_lock_rejects_a_line_that_is_not_an_exact_pin(tmp_path, capsys):
+    install = _load_install()
+    bad = tmp_path / "bad.lock"
+    bad.write_text("# python: 3.11\nnumpy==2.4.6\npandas>=2\n")
+    with pytest.raises(SystemExit):
+        install.read_lock(bad)
+    assert "bad.lock:3: expected `name==version`" in capsys.readouterr().err
+
+
+def test_own_env_gets_every_locked_version(tmp_path, monkeypatch):
+    install = _load_install()
+    calls = _fake_env(install, monkeypatch, installed={"numpy": "1.26.0"})
+    install.setup(str(_fake_python(tmp_path)), with_tests=True)
+    requirements_call = next(argv for argv in calls if "-r" in argv)
+    torch_pin, locked = requirements_call.constraints
+    assert torch_pin == "torch==2.13.0+cpu\n"
+    assert locked.splitlines() == [f"{n}=={v}" for n, v in sorted(install.read_lock(install.LOCK)[1].items())]
+
+
+def test_managed_env_keeps_what_is_installed(tmp_path, monkeypatch, capsys):
+    install = _load_install()
+    _fake_env(install, monkeypatch, installed={"numpy": "1.26.0", "transformers": "4.57.0", "pillow": "10.0"})
+    locked = install.read_lock(install.LOCK)[1]
+    applied = install.lock_to_apply("/comfy/python", install.LOCK, own_env=False)
+    assert not {"numpy", "transformers", "pillow"} & set(applied), "installed packages are never forced"
+    assert applied == {n: v for n, v in locked.items() if n not in ("numpy", "transformers", "pillow")}
+    assert "3 packages already installed here are kept" in capsys.readouterr().out
+    assert install.lock_to_apply("/comfy/python", install.LOCK, own_env=True) == locked
+    assert install.lock_to_apply("/comfy/python", None, own_env=True) == {}
+
+
+def test_lock_not_applied_on_another_python(monkeypatch, capsys):
+    install = _load_install()
+    _fake_env(install, monkeypatch)
+    monkeypatch.setattr(install, "python_version", lambda python: "3.99")
+    assert install.lock_to_apply("/x/python", install.LOCK, own_env=True) == {}
+    assert "this is Python 3.99" in capsys.readouterr().out
+
+
+def test_managed_env_falls_back_to_ranges_when_the_lock_clashes(tmp_path, monkeypatch, capsys):
+    install = _load_install()
+    monkeypatch.setattr(install, "ROOT", tmp_path)  # the managed env's stamp goes to ROOT/.cache
+    for f in ("requirements.txt", "requirements-test.txt", "pyproject.toml"):
+        (tmp_path / f).write_text((ROOT / f).read_text())
+    python = str(_fake_python(tmp_path))
+    monkeypatch.setattr(install.sys, "executable", python)  # installing into the running (managed) Python
+    calls = _fake_env(install, monkeypatch, installed={"numpy": "1.26.0"},
+                      pip_ok=lambda call: len(call.constraints) < 2)  # pip fails with the lock
+    install.setup(python, with_tests=False)
+    with_lock, without_lock = [argv for argv in calls if "-r" in argv]
+    assert len(with_lock.constraints) == 2 and without_lock.constraints == ["torch==2.13.0+cpu\n"]
+    assert "installing from the requirement files' ranges instead" in capsys.readouterr().out
+
+
+def test_own_env_fails_loudly_when_the_lock_does_not_install(tmp_path, monkeypatch):
+    install = _load_install()
+    _fake_env(install, monkeypatch, pip_ok=lambda call: "-r" not in call)
+    with pytest.raises(SystemExit):
+        install.setup(str(_fake_python(tmp_path)), with_tests=False)
+
+
+def test_stamp_includes_the_lock(tmp_path, monkeypatch):
+    install = _load_install()
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(install.LOCK.read_text())
+    monkeypatch.setattr(install, "LOCK", lock)
+    calls = _fake_env(install, monkeypatch)
+    python = str(_fake_python(tmp_path))
+    install.setup(python, with_tests=False, lock=lock)
+    calls.clear()
+    install.setup(python, with_tests=False, lock=lock)
+    assert calls == []
+    lock.write_text(lock.read_text().replace("\npeft==", "\npeft==0.0.0\n# was peft==", 1))
+    install.setup(python, with_tests=False, lock=lock)
+    assert calls, "a changed lock installs again"
+
+
+@pytest.mark.parametrize("suite_passes", [True, False])
+def test_refresh_writes_the_locks_only_when_the_suite_passes(tmp_path, monkeypatch, suite_passes):
+    install = _load_install()
+    lock, comfy_lock = tmp_path / "requirements.lock", tmp_path / "comfyui.lock"
+    lock.write_text("# python: 3.11\nold==1\n")
+    comfy_lock.write_text("# python: 3.11\nold-comfy==1\n")
+    monkeypatch.setattr(install, "LOCK", lock)
+    monkeypatch.setattr(install, "COMFYUI_LOCK", comfy_lock)
+    monkeypatch.setenv("COMFYUI_DIR", "/somewhere/else")
+    setups, runs = [], []
+    monkeypatch.setattr(install.venv, "EnvBuilder", lambda **kw: type("B", (), {"create": lambda self, d: None})())
+    monkeypatch.setattr(install, "setup", lambda python, with_tests, lock: setups.append((with_tests, lock)))
+    monkeypatch.setattr(install, "python_version", lambda python: "3.11")
+    monkeypatch.setattr(install, "installed_versions", lambda python: {
+        "numpy": "2.4.6", "torch": "2.13.0+cpu", "pip": "25.0", "spo-studio": "0.1.0"})
+
+    def fake_run(cmd, **kwargs):
+        runs.append((cmd, kwargs.get("env")))
+        if "comfyui_env.py" in " ".join(cmd):  # the helper: unpacks, installs, writes its lock
+            dest = Path(cmd[cmd.index("--dest") + 1])
+            (dest / "ComfyUI").mkdir(parents=True)
+            Path(cmd[cmd.index("--write-lock") + 1]).write_text("# python: 3.11\nav==18.1.0\n")
+            assert "--unlocked" in cmd
+        return subprocess.CompletedProcess(cmd, 0 if suite_passes or "pytest" not in cmd else 1)
+
+    monkeypatch.setattr(install.subprocess, "run", fake_run)
+    if suite_passes:
+        assert install.refresh_lock(["-x"]) == 0
+        assert install.read_lock(lock) == ("3.11", {"numpy": "2.4.6"})
+        assert install.read_lock(comfy_lock) == ("3.11", {"av": "18.1.0"})
+    else:
+        with pytest.raises(SystemExit):
+            install.refresh_lock([])
+        assert lock.read_text() == "# python: 3.11\nold==1\n" and "old-comfy" in comfy_lock.read_text()
+    assert setups == [(True, None)], "the scratch environment is built from the unpinned requirements"
+    pytest_cmd, env = next((c, e) for c, e in runs if "pytest" in c)
+    assert env["COMFYUI_DIR"].endswith("ComfyUI") and env["COMFYUI_DIR"] != "/somewhere/else"
