@@ -4,9 +4,9 @@ An SPM is a folder (`spm.json`, `clip/`, `tokenizer/`, `time_conditioning.safete
 `StepAwarePreferenceModel.save` writes it), a plain CLIP/PickScore folder to start an SPM from, or an
 official SPO checkpoint file (`sd-v1-5_step-aware_preference_model.bin`, `.safetensors` too) lying
 inside the CLIP folder it was initialised from or next to exactly one CLIP folder (PickScore_v1 with
-CLIP-ViT-H-14's tokenizer files), or a latent SPM folder (`lspm.json`). The node lists these under ComfyUI's `spo_preference` model folders
-(models/spo_preference by default, more through extra_model_paths.yaml), plus the pocket SPM shipped
-with this pack.
+CLIP-ViT-H-14's tokenizer files), or a latent SPM folder (`lspm.json`). The node lists these under
+ComfyUI's `spo_preference` model folders (models/spo_preference by default, more through
+extra_model_paths.yaml), plus the pocket SPM shipped with this pack.
 """
 
 from __future__ import annotations

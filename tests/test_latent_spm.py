@@ -6,12 +6,12 @@ import pytest
 import torch
 from spo_studio.backend.config import load_config
 from spo_studio.backend.models import load_model
+from spo_studio.backend.preference.data import write_pickapic
 from spo_studio.backend.preference.evaluate import bucket_verdicts, load_pairs
 from spo_studio.backend.preference.latent_spm import LatentPreferenceModel, LatentScorer
 from spo_studio.backend.preference.scoring import Scorer
 from spo_studio.backend.preference.train import SPMTrainConfig, train_spm
 from spo_studio.backend.train.spo import SPOConfig, rollout
-from spo_studio.backend.preference.data import write_pickapic
 from test_spm import _pair_rows
 
 
@@ -28,7 +28,8 @@ def tiny_lspm(tiny_dirs, tmp_path_factory):
 
 def _cfg(tiny_dirs, data, out, **over):
     values = {"kind": "latent", "base_model": str(tiny_dirs["sd15"]), "init": "base", "train_data": str(data),
-              "output_dir": str(out), "lr": 1e-3, "warmup_steps": 1, "lr_schedule": "constant", "max_steps": 4, "batch_size": 2,
+              "output_dir": str(out), "lr": 1e-3, "warmup_steps": 1, "lr_schedule": "constant", "max_steps": 4,
+              "batch_size": 2,
               "checkpoint_every": 2, "log_every": 1, "shuffle_buffer": 8}
     values.update(over)
     return load_config(SPMTrainConfig, None, [f"{k}={v}" for k, v in values.items()])

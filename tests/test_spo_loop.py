@@ -5,8 +5,7 @@ import json
 import torch
 from spo_studio.backend.config import load_config
 from spo_studio.backend.runs import read_jsonl
-from spo_studio.backend.train.spo import train_spo
-from spo_studio.backend.train.spo import SPOConfig
+from spo_studio.backend.train.spo import SPOConfig, train_spo
 
 
 def _cfg(tiny_dirs, tiny_spm, prompts_file, out, **over):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 def args_pocket(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="pocket_command", metavar="ACTION", required=True)
-    b = sub.add_parser("build", help="rebuild the pocket model, preference data, scorer and SPM (seeded, deterministic)")
+    b = sub.add_parser("build", help="rebuild the pocket model, preference data, scorer and SPMs (seeded, "
+                                     "deterministic)")
     b.add_argument("--stage", action="append", default=None,
                    help="base, refine, data, scorer, spm or report (repeatable; default: all, in that order)")
     b.add_argument("--out", default=None, help="base model folder (default: backend/pocket/model)")

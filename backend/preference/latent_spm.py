@@ -175,8 +175,9 @@ def _text_holder(family, encoders, tokenizers, device, dtype):
     ids) over these encoders, with no UNet or VAE."""
     from ..models import DiffusionModel
 
-    return DiffusionModel(family=family, unet=None, vae=None, text_encoders=list(encoders), tokenizers=list(tokenizers),
-                          scheduler=None, source="latent SPM", device=torch.device(device), dtype=dtype)
+    return DiffusionModel(family=family, unet=None, vae=None, text_encoders=list(encoders),
+                          tokenizers=list(tokenizers), scheduler=None, source="latent SPM",
+                          device=torch.device(device), dtype=dtype)
 
 
 class LatentScorer:
@@ -191,7 +192,9 @@ class LatentScorer:
     def __init__(self, lspm: LatentPreferenceModel, base_model=None, device=None, **_ignored):
         if base_model is not None:
             _check_family(lspm.family, base_model.family, "the model is")
-        device = torch.device(device) if device is not None else (base_model.device if base_model else torch.device("cpu"))
+        if device is None:
+            device = base_model.device if base_model else "cpu"
+        device = torch.device(device)
         self.spm = lspm.to(device).eval().requires_grad_(False)
         self.base_model = base_model
         self.device = device
@@ -208,7 +211,8 @@ class LatentScorer:
         return TextConditioning.cat([self._cond_cache[p] for p in prompts])
 
     @torch.no_grad()
-    def score_latents(self, latents: torch.Tensor, prompts: list[str], t=None, family: str | None = None) -> torch.Tensor:
+    def score_latents(self, latents: torch.Tensor, prompts: list[str], t=None,
+                      family: str | None = None) -> torch.Tensor:
         """Scores [B] of noisy latents x_t (scaled, as the UNet sees them) at timestep(s) t (None: t = 0);
         `family`, where the caller knows which model made the latents, is checked against the SPM's."""
         if family is not None:

@@ -250,7 +250,8 @@ def train_spm(cfg: SPMTrainConfig) -> Path:
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml", method="spm")
 
-    base = load_model(cfg.base_model, device=accelerator.device) if (cfg.step_aware or cfg.init == "scratch:pocket") else None
+    needs_base = cfg.step_aware or cfg.init == "scratch:pocket"
+    base = load_model(cfg.base_model, device=accelerator.device) if needs_base else None
     torch.manual_seed(cfg.seed)  # a new scorer's random init is seeded too
     latent = cfg.kind == "latent"
     spm = build_latent_scorer(cfg.init, base) if latent else build_scorer(cfg.init, base)
