@@ -48,7 +48,10 @@ def cmd_info(args) -> int:
         "parameters": {
             "unet": count(model.unet),
             "vae": count(model.vae),
-            **{f"text_encoder{'' if i == 0 else '_' + str(i + 1)}": count(te) for i, te in enumerate(model.text_encoders)},
+            **{
+                f"text_encoder{'' if i == 0 else '_' + str(i + 1)}": count(te)
+                for i, te in enumerate(model.text_encoders)
+            },
         },
     }
     if args.json:
@@ -92,5 +95,8 @@ def cmd_sample(args) -> int:
     tmp = out.with_name(out.name + ".tmp")
     Image.fromarray(array).save(tmp, format="PNG")
     tmp.replace(out)
-    print(f"wrote {out} ({len(args.prompt)} image(s), {args.steps} steps, cfg {args.cfg}, eta {args.eta}, seed {args.seed})")
+    print(
+        f"wrote {out} ({len(args.prompt)} image(s), {args.steps} steps, "
+        f"cfg {args.cfg}, eta {args.eta}, seed {args.seed})"
+    )
     return 0

@@ -77,7 +77,9 @@ def ddim_sigma_tensor(alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: floa
     return eta * ((1 - alpha_prev) / (1 - alpha_t)).sqrt() * (1 - alpha_t / alpha_prev).sqrt()
 
 
-def ddim_mean_tensor(x0_hat: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def ddim_mean_tensor(
+    x0_hat: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
     """μ of DDIM eq. 12 with per-sample ᾱ_{t−1} and σ_t (tensors [N], broadcast over C, H, W)."""
     shape = (-1,) + (1,) * (x0_hat.ndim - 1)
     a_prev = alpha_prev.view(shape).to(x0_hat.device, x0_hat.dtype)

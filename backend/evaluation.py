@@ -215,7 +215,9 @@ def sample_images(model, prompts: list[str], seeds: list[int], settings: EvalSet
     out = []
     for i in range(0, len(prompts), settings.batch):
         ps, ss = prompts[i:i + settings.batch], seeds[i:i + settings.batch]
-        latents = torch.cat([diffusion.initial_latents(model, 1, generator=torch.Generator().manual_seed(s)) for s in ss])
+        latents = torch.cat(
+            [diffusion.initial_latents(model, 1, generator=torch.Generator().manual_seed(s)) for s in ss]
+        )
         traj = diffusion.sample(model, ps, num_steps=settings.num_steps, cfg_scale=settings.cfg_scale,
                                 eta=settings.eta, latents=latents, generator=torch.Generator().manual_seed(ss[0]),
                                 record=False)
@@ -240,7 +242,9 @@ def write_grid(columns: dict[str, torch.Tensor], prompts: list[str], out_png: Pa
         draw.text((6, head_h + r * size + size // 2 - 6), prompts[r][:48], fill="black")
         for c, name in enumerate(names):
             arr = (columns[name][r].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            sheet.paste(Image.fromarray(arr).resize((size, size), Image.NEAREST), (label_w + c * size, head_h + r * size))
+            sheet.paste(
+                Image.fromarray(arr).resize((size, size), Image.NEAREST), (label_w + c * size, head_h + r * size)
+            )
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(out_png.name + ".tmp.png")
     sheet.save(tmp)

@@ -155,6 +155,9 @@ def check_config(method: str, values: dict[str, Any], uploads: dict[str, Path]):
         value = getattr(cfg, field, None)
         if field in uploads or not isinstance(value, str) or value == "" or sources.is_named(value):
             continue
+        if field == "spm" and value == sources.POCKET_LATENT:
+            sources.spm(value)  # built?
+            continue
         if field == "spm" and is_reward(value):  # an image reward: its own paths are checked and resolved
             try:
                 cfg.spm = check_reward_paths(value)

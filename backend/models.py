@@ -144,7 +144,9 @@ class DiffusionModel:
         return out
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], height: int | None = None, width: int | None = None) -> TextConditioning:
+    def encode_prompts(
+        self, prompts: list[str], height: int | None = None, width: int | None = None
+    ) -> TextConditioning:
         """Encode prompts as the diffusers pipelines do (no clip skip, padded to max length).
 
         SD1.5: the text encoder's last hidden state. SDXL: the penultimate hidden states of both
@@ -300,7 +302,9 @@ def detect_file_family(path: Path, keys: list[str] | None = None) -> str:
         raise ModelLoadError(f"{path}: this is a FLUX checkpoint (flow matching). {SUPPORTED}.")
     if not has("model.diffusion_model."):
         if any(k.startswith(("lora_unet_", "lora_te", "unet.", "text_encoder.")) and "lora" in k for k in keys):
-            raise ModelLoadError(f"{path}: this is a LoRA, not a base model; load it as a LoRA on top of a base model.")
+            raise ModelLoadError(
+                f"{path}: this is a LoRA, not a base model; load it as a LoRA on top of a base model."
+            )
         hint = f" (first keys: {', '.join(keys[:3])})" if keys else " (it holds no tensors)"
         raise ModelLoadError(
             f"{path}: not a diffusion model checkpoint: it has no UNet weights 'model.diffusion_model.*'{hint}."
@@ -310,7 +314,9 @@ def detect_file_family(path: Path, keys: list[str] | None = None) -> str:
             raise ModelLoadError(f"{path}: this looks like the SDXL refiner, which is not supported. {SUPPORTED}.")
         return "sdxl"
     if has("cond_stage_model.model."):
-        raise ModelLoadError(f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP-H text encoder). {SUPPORTED}.")
+        raise ModelLoadError(
+            f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP-H text encoder). {SUPPORTED}."
+        )
     return "sd15"
 
 
@@ -378,12 +384,17 @@ def _load_folder(path: Path, family: str, dtype: torch.dtype) -> dict:
     comps = {
         "unet": load(UNet2DConditionModel, "unet", torch_dtype=dtype, variant=_variant(path, "unet")),
         "vae": load(AutoencoderKL, "vae", torch_dtype=dtype, variant=_variant(path, "vae")),
-        "text_encoders": [load(CLIPTextModel, "text_encoder", torch_dtype=dtype, variant=_variant(path, "text_encoder"))],
+        "text_encoders": [
+            load(CLIPTextModel, "text_encoder", torch_dtype=dtype, variant=_variant(path, "text_encoder"))
+        ],
         "tokenizers": [load(CLIPTokenizer, "tokenizer")],
     }
     if family == "sdxl":
         comps["text_encoders"].append(
-            load(CLIPTextModelWithProjection, "text_encoder_2", torch_dtype=dtype, variant=_variant(path, "text_encoder_2"))
+            load(
+                CLIPTextModelWithProjection, "text_encoder_2", torch_dtype=dtype,
+                variant=_variant(path, "text_encoder_2"),
+            )
         )
         comps["tokenizers"].append(load(CLIPTokenizer, "tokenizer_2"))
     return comps

@@ -6,6 +6,7 @@ under `backend/pocket/` (`spo pocket build`):
 
     base model        pocket            → POCKET_MODEL_DIR (read by `models.load_model`)
     SPM               pocket            → POCKET_SPM_DIR, the step-aware preference model
+                      pocket-latent     → POCKET_LSPM_DIR, the latent step-aware preference model
     scorer            pocket            → POCKET_SCORER_DIR, the plain (clean-image) scorer
     prompts           pocket            → the pocket world's training prompts
                       pocket-train, pocket-held-out → the two sides of its prompt split
@@ -29,6 +30,8 @@ POCKET_ROOT = Path(__file__).resolve().parent / "pocket"
 POCKET_MODEL_DIR = POCKET_ROOT / "model"
 POCKET_SCORER_DIR = POCKET_ROOT / "scorer"
 POCKET_SPM_DIR = POCKET_ROOT / "spm"
+POCKET_LSPM_DIR = POCKET_ROOT / "lspm"
+POCKET_LATENT = "pocket-latent"  # a name for the `spm` field only
 POCKET_DATA_DIR = POCKET_ROOT / "data"
 POCKET_TRAIN_PAIRS = POCKET_DATA_DIR / "pairs_train.parquet"
 POCKET_HELD_OUT_PAIRS = POCKET_DATA_DIR / "pairs_held_out.parquet"
@@ -58,7 +61,10 @@ def _built(path: Path, marker: str, what: str) -> Path:
 
 
 def spm(spec: str | Path) -> str | Path:
-    """An SPM source: `pocket` → the shipped pocket SPM folder (which must be built); a path as given."""
+    """An SPM source: `pocket` → the shipped pocket SPM folder, `pocket-latent` → the shipped pocket latent SPM
+    (each must be built); a path as given."""
+    if str(spec) == POCKET_LATENT:
+        return _built(POCKET_LSPM_DIR, "lspm.json", "latent SPM")
     return _built(POCKET_SPM_DIR, "spm.json", "SPM") if is_named(spec) else spec
 
 

@@ -57,7 +57,11 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None,
                         help="steps the scoring thread batches (default: the node's SCORE_CHUNK)")
     parser.add_argument("--decode", choices=["full", "fast"], default="full",
-                        help="the SPM Loader's decode setting: full VAE decode, or the latent shrunk to the SPM's size")
+                        help="the SPM Loader's decode setting: full VAE decode, "
+                             "or the latent shrunk to the SPM's size")
+    parser.add_argument("--spm", choices=["pocket", "pocket-latent"], default="pocket",
+                        help="the pixel pocket SPM, or the latent one (scores the sampler's latents, no decode; "
+                             "the x̂0 strip is still decoded for display)")
     parser.add_argument("--prompt", default="a red circle on a blue background")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -68,8 +72,13 @@ def main() -> None:
     from spo_studio.comfyui_nodes import run, sampling, standalone
 
     model = load_model("pocket", device="cpu")
-    scorer, spm_name = pocket_scorer()
-    scorer.latent_decode = args.decode == "fast"
+    if args.spm == "pocket-latent":
+        from spo_studio.backend.preference.scoring import Scorer
+
+        scorer, spm_name = Scorer.from_path("pocket-latent", model), "pocket latent SPM (shipped)"
+    else:
+        scorer, spm_name = pocket_scorer()
+        scorer.latent_decode = args.decode == "fast"
     patcher, vae = standalone.wrap(model)
     positive, negative = standalone.encode(patcher, args.prompt), standalone.encode(patcher, "")
     overlap = not args.no_overlap
@@ -111,7 +120,8 @@ def main() -> None:
     parts = {
         "unet_cfg_ms": per_call(lambda: patcher.model.cfg_denoise(x, sigma, positive, negative, 5.0)) * 1e3,
         "vae_decode_ms": per_call(lambda: judge.decode(x)) * 1e3,
-        "spm_ms": per_call(lambda: judge.score_images(judge.decode(x), 500)) * 1e3 - 0.0,
+        "spm_ms": (per_call(lambda: judge.score_noisy(x, 3.0)) * 1e3 + per_call(lambda: judge.decode(x)) * 1e3
+                   if judge.reads_noisy_latents else per_call(lambda: judge.score_images(judge.decode(x), 500)) * 1e3),
         "plot_and_strip_ms": per_call(lambda: (render.to_image_tensor(render.score_plot_picture(
                                                    list(range(args.steps)), [[0.1]] * args.steps)),
                                                render.x0_strip(torch.rand(args.steps, 1, 3, 64, 64),
@@ -128,7 +138,8 @@ def main() -> None:
         t_scorer.append(scorer_node(i + 1))
     result = {
         "model": "pocket", "spm": spm_name, "device": "cpu", "threads": args.threads, "steps": args.steps,
-        "overlap": overlap, "chunk": chunk if overlap else 1, "decode": args.decode, "repeats": args.repeats,
+        "overlap": overlap, "chunk": chunk if overlap else 1, "repeats": args.repeats,
+        "decode": "none (latent SPM; strip decoded)" if judge.reads_noisy_latents else args.decode,
         "plain_s": statistics.median(t_plain), "scorer_s": statistics.median(t_scorer),
         "plain_all_s": [round(t, 4) for t in t_plain], "scorer_all_s": [round(t, 4) for t in t_scorer],
         **{k: round(v, 2) for k, v in parts.items()},

@@ -58,12 +58,15 @@ def main(argv=None) -> int:
                       [f"output_dir={args.out}/train", f"max_minutes={args.minutes}", "epochs=1000", "max_steps=0",
                        "resume=false", *args.overrides])
     original = scoring.Scorer.from_path
-    scoring.Scorer.from_path = classmethod(lambda cls, path, base_model=None, **kw: OracleScorer(base_model, args.scale))
+    scoring.Scorer.from_path = classmethod(
+        lambda cls, path, base_model=None, **kw: OracleScorer(base_model, args.scale)
+    )
     try:
         run = train(cfg, SPOMethod)
     finally:
         scoring.Scorer.from_path = original
-    report = evaluate(load_model("pocket"), {"spo_oracle": run["lora"]["diffusers"]}, load_eval_prompts("pocket-held-out"),
+    report = evaluate(load_model("pocket"), {"spo_oracle": run["lora"]["diffusers"]},
+                      load_eval_prompts("pocket-held-out"),
                       EvalSettings(seeds=[0, 1, 2, 3]), Path(args.out) / "eval", prompts_source="pocket-held-out")
     print(format_table(report))
     print(json.dumps({"steps": run["step"]}))

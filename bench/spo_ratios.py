@@ -56,7 +56,9 @@ def main() -> int:
         pairs, _ = rollout(model, model.unet, scorer, prompts, cfg, torch.Generator().manual_seed(args.seed))
         cond, negative = model.encode_prompts(pairs.prompts), model.encode_negative(len(pairs))
         lp_w, lp_l = pair_log_probs(model, model.unet, pairs, cond, negative, cfg)
-        ref_w, ref_l = reference_pass(model.unet, lambda: pair_log_probs(model, model.unet, pairs, cond, negative, cfg))
+        ref_w, ref_l = reference_pass(
+            model.unet, lambda: pair_log_probs(model, model.unet, pairs, cond, negative, cfg)
+        )
     log_r = torch.cat([lp_w - ref_w, lp_l - ref_l])
     t_all = torch.cat([pairs.t, pairs.t])
     lo, hi = math.log(1 - cfg.clip_range), math.log(1 + cfg.clip_range)

@@ -109,7 +109,9 @@ def main(argv=None) -> int:
                 scores = scorer.score_latents(flat, prompts_k, 0).view(b, k)
             win, lose, keep = select_pairs(scores, cfg.threshold)
             rows = torch.arange(b)
-            pair = torch.stack([pool.candidates[rows, win], pool.candidates[rows, lose]], 1).reshape(2 * b, *x.shape[1:])
+            pair = torch.stack(
+                [pool.candidates[rows, win], pool.candidates[rows, lose]], 1
+            ).reshape(2 * b, *x.shape[1:])
             later = [n.repeat_interleave(2, 0) for n in noises]
             final = finish(model, pair, i + 1, grid, prev, cond2, negative2, cfg, later)
             images = (model.decode(final).permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).round().astype(np.uint8)

@@ -16,7 +16,10 @@ the compute pattern:
 
 With `--fast-decode` ours also runs a third time with `fast_decode` (x̂0 latents shrunk to the SPM's
 input size before the VAE instead of full-resolution decodes; the SPM's accuracy on the pocket
-pairs is unchanged by it, see bench/RESULTS.md).
+pairs is unchanged by it, see bench/RESULTS.md). With `--lspm` ours also runs with the latent SPM
+(`pocket-latent`, a latent SPM folder, or `random`: a fresh one from the model's own UNet encoder,
+for the real-size shapes), which scores the pool's candidates x_{t−1} themselves: no UNet pass on all
+k candidates, no decode. It reports rollout and whole-round pairs per second against the pixel SPM.
 
 Prints pairs per second and peak memory of each, and the ratio ours / official.
 """
@@ -153,7 +156,7 @@ def train_pairs(model, unet, raw_unet, ref_unet, pairs, cfg, optimizer, official
         optimizer.zero_grad(set_to_none=True)
 
 
-def run_side(official: bool, args, device, dtype, fast_decode: bool = False) -> dict:
+def run_side(official: bool, args, device, dtype, fast_decode: bool = False, latent: bool = False) -> dict:
     import gc
 
     from spo_studio.backend.models import load_model
@@ -172,7 +175,13 @@ def run_side(official: bool, args, device, dtype, fast_decode: bool = False) -> 
             model = random_model(args.model.split(":", 1)[1], device, dtype)
         else:
             model = load_model(args.model, device=device, dtype=dtype)
-        if args.spm == "random:h14":
+        if latent:
+            from spo_studio.backend.preference.latent_spm import LatentPreferenceModel, LatentScorer
+
+            lspm = LatentPreferenceModel.from_base(model, seed=1) if args.lspm == "random" else \
+                Scorer.from_path(args.lspm, model).spm
+            spm = None
+        elif args.spm == "random:h14":
             torch.manual_seed(1)
             spm = random_h14_spm(model.tokenizers[0])
         else:
@@ -183,7 +192,10 @@ def run_side(official: bool, args, device, dtype, fast_decode: bool = False) -> 
                         lora_alpha=float(args.rank), mixed_precision="no" if dtype == torch.float32 else "bf16")
         params = attach_trainable_lora(model.unet, model.family, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, 0)
         optimizer = torch.optim.AdamW(params, lr=1e-5)
-        scorer = OfficialScorer(spm, model) if official else Scorer(spm, model, latent_decode=fast_decode)
+        if latent:
+            scorer = LatentScorer(lspm.to(device, dtype), model)
+        else:
+            scorer = OfficialScorer(spm, model) if official else Scorer(spm, model, latent_decode=fast_decode)
         prompts_all = load_prompts("pocket") if args.model == "pocket" else ["a beautiful lake at sunset"] * 64
         autocast = (lambda: torch.autocast(device_type=torch.device(device).type, dtype=dtype)) \
             if dtype != torch.float32 else torch.enable_grad  # noqa: E731
@@ -238,6 +250,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--fast-decode", action="store_true", help="also run ours with fast_decode (SPOConfig.fast_decode)")
+    p.add_argument("--lspm", default=None,
+                   help="also run ours with a latent SPM: 'pocket-latent', a latent SPM folder, or 'random'")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -251,6 +265,12 @@ def main() -> int:
     result["memory_ratio"] = result["ours"]["peak_mb"] / result["official"]["peak_mb"]
     if args.fast_decode:
         result["speedup_fast_decode"] = result["ours_fast_decode"]["pairs_per_s"] / result["official"]["pairs_per_s"]
+    if args.lspm:
+        result["ours_latent"] = run_side(False, args, args.device, dtype, latent=True)
+        lat, pix = result["ours_latent"], result["ours"]
+        result["latent_vs_pixel_rollout"] = (lat["pairs"] / lat["rollout_s"]) / (pix["pairs"] / pix["rollout_s"])
+        result["latent_vs_pixel_round"] = lat["pairs_per_s"] / pix["pairs_per_s"]
+        result["latent_vs_official_round"] = lat["pairs_per_s"] / result["official"]["pairs_per_s"]
     result["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
     result["device_name"] = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
     result["torch"] = torch.__version__
@@ -259,6 +279,10 @@ def main() -> int:
           f"{result['memory_ratio']:.2f}x peak memory")
     if args.fast_decode:
         print(f"ours with fast_decode / official: {result['speedup_fast_decode']:.2f}x pairs per second")
+    if args.lspm:
+        print(f"latent SPM / pixel SPM: rollouts {result['latent_vs_pixel_rollout']:.2f}x, whole round "
+              f"{result['latent_vs_pixel_round']:.2f}x pairs per second; latent / official "
+              f"{result['latent_vs_official_round']:.2f}x; peak memory {result['ours_latent']['peak_mb']:.0f} MB")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -65,7 +65,9 @@ def test_eta1_step_matches_diffusers_ddim_step(models):
     sched.set_timesteps(20)
     theirs = sched.step(pred.eps, 501, x_t, eta=1.0, variance_noise=z).prev_sample
     assert (ours - theirs).abs().max().item() < 1e-5
-    assert (pred.x0_hat - sched.step(pred.eps, 501, x_t, eta=1.0, variance_noise=z).pred_original_sample).abs().max() < 1e-5
+    assert (
+        pred.x0_hat - sched.step(pred.eps, 501, x_t, eta=1.0, variance_noise=z).pred_original_sample
+    ).abs().max() < 1e-5
 
 
 def test_transition_log_prob_equals_torch_normal(models):

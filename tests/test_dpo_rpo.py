@@ -25,7 +25,9 @@ def official_dpo(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, bet
 
 def test_dpo_loss_by_hand():
     # Δθ = 0.10 − 0.12 = −0.02, Δref = 0 → inside = −β/2·(−0.02) = 1.0 with β = 100
-    loss, stats = dpo_loss(torch.tensor([0.10]), torch.tensor([0.12]), torch.tensor([0.11]), torch.tensor([0.11]), 100.0)
+    loss, stats = dpo_loss(
+        torch.tensor([0.10]), torch.tensor([0.12]), torch.tensor([0.11]), torch.tensor([0.11]), 100.0
+    )
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1.0)), abs=1e-7)  # 0.3132617
     assert stats["implicit_acc"] == 1.0
 

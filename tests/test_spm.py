@@ -67,10 +67,14 @@ def test_loss_equals_hand_computation_with_ties():
     hand = sum(per) / 3
     # pair 1: −log σ(1) = 0.31326; pair 2: −log σ(1) again; pair 3 (tie): −½(log p0 + log p1) + log ½
     assert per[0] == pytest.approx(0.3132617, abs=1e-6)
-    assert per[2] == pytest.approx(-0.5 * (math.log(1 / (1 + math.e**2)) + math.log(1 / (1 + math.e**-2))) + math.log(0.5))
+    assert per[2] == pytest.approx(
+        -0.5 * (math.log(1 / (1 + math.e**2)) + math.log(1 / (1 + math.e**-2))) + math.log(0.5)
+    )
     assert preference_loss(s0, s1, l0, l1).item() == pytest.approx(hand, abs=1e-6)
     # a tie between equal scores has loss exactly 0
-    assert preference_loss(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.5])).item() == pytest.approx(0.0, abs=1e-7)
+    assert preference_loss(
+        torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.5])
+    ).item() == pytest.approx(0.0, abs=1e-7)
     assert pair_accuracy(s0, s1, l0, l1).item() == pytest.approx(1.0)  # the tie is excluded
 
 

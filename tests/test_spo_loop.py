@@ -14,7 +14,9 @@ def _cfg(tiny_dirs, tiny_spm, prompts_file, out, **over):
             "prompts_per_round": 2, "train_batch_size": 3, "epochs": 2, "lr": 1e-3, "checkpoint_every": 100,
             "sample_prompts": ["a red circle"]}
     base.update(over)
-    return load_config(SPOConfig, None, [f"{k}={v if not isinstance(v, list) else ','.join(v)}" for k, v in base.items()])
+    return load_config(
+        SPOConfig, None, [f"{k}={v if not isinstance(v, list) else ','.join(v)}" for k, v in base.items()]
+    )
 
 
 def _lora(run):
@@ -27,13 +29,17 @@ def test_spo_run_writes_metrics_lora_and_samples(tiny_dirs, tiny_spm, prompts_fi
     result = train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, tmp_path / "run"))
     assert result["status"] == "finished" and result["step"] > 0
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert metrics and {"loss", "ratio_w", "ratio_l", "pair_yield", "score_mean", "score_std", "lr", "grad_norm"} <= set(metrics[-1])
+    assert metrics and {
+        "loss", "ratio_w", "ratio_l", "pair_yield", "score_mean", "score_std", "lr", "grad_norm"
+    } <= set(metrics[-1])
     assert all(m["pair_yield"] == 1.0 for m in metrics if "pair_yield" in m)  # threshold 0: every pool gives a pair
     assert (tmp_path / "run" / "samples" / "epoch-001.png").exists()
     events = [e["event"] for e in read_jsonl(tmp_path / "run" / "events.jsonl")]
     assert events[0] == "started" and events[-1] == "finished" and "sample" in events
     lora = _lora(tmp_path / "run")
-    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k), "the LoRA learned something"
+    assert any(
+        v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k
+    ), "the LoRA learned something"
     assert (tmp_path / "run" / "lora" / "spo_lora_webui.safetensors").exists()
 
 
@@ -74,7 +80,9 @@ def test_resume_refuses_a_changed_recipe(tiny_dirs, tiny_spm, prompts_file, tmp_
     with pytest.raises(ValueError, match=r"config.yaml: the checkpoints .* another config \(lr: 0.001 → 0.0005; "
                                          r"threshold: 0.0 → 0.2\)"):
         train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, run, lr=5e-4, threshold=0.2))
-    resumed = train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, run, max_steps=2, checkpoint_every=1))  # length may change
+    resumed = train_spo(
+        _cfg(tiny_dirs, tiny_spm, prompts_file, run, max_steps=2, checkpoint_every=1)
+    )  # length may change
     assert resumed["step"] == 2
     assert [e["step"] for e in read_jsonl(run / "events.jsonl") if e["event"] == "resumed"] == [1]
 
@@ -135,5 +143,7 @@ def test_gradient_clipping_really_clips(tiny_dirs, tiny_spm, prompts_file, tmp_p
     out = tmp_path / "run"
     assert train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, out, epochs=1, grad_clip=1e-4))["status"] == "finished"
     logged = [m["grad_norm"] for m in read_jsonl(out / "metrics.jsonl") if m.get("grad_norm") is not None]
-    assert seen and logged and max(logged) > 1e-4, "the unclipped norms must exceed the bound for the test to mean anything"
+    assert seen and logged and max(logged) > 1e-4, (
+        "the unclipped norms must exceed the bound for the test to mean anything"
+    )
     assert max(seen) <= 1e-4 * (1 + 1e-3)

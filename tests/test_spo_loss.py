@@ -27,11 +27,15 @@ def test_spo_loss_equals_hand_computation():
     rw = torch.tensor([-1.03, -2.01, -0.40])
     rl = torch.tensor([-1.00, -2.00, -0.70])
     loss, stats = spo_loss(lw, ll, rw, rl, beta=10.0, clip_range=0.1)
-    assert loss.item() == pytest.approx(_hand_loss(lw.tolist(), ll.tolist(), rw.tolist(), rl.tolist(), 10.0, 0.1), abs=1e-6)
+    assert loss.item() == pytest.approx(
+        _hand_loss(lw.tolist(), ll.tolist(), rw.tolist(), rl.tolist(), 10.0, 0.1), abs=1e-6
+    )
     # pair 0 by hand: r_w = e^0.03 = 1.03046, r_l = e^-0.02 = 0.98020 → z = 10·(0.03 + 0.02) = 0.5
     single, _ = spo_loss(lw[:1], ll[:1], rw[:1], rl[:1], 10.0, 0.1)
     assert single.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))), abs=1e-6)
-    assert stats["ratio_w"] == pytest.approx(sum(min(max(math.exp(a - c), 0.9), 1.1) for a, c in zip(lw.tolist(), rw.tolist())) / 3, abs=1e-6)
+    assert stats["ratio_w"] == pytest.approx(
+        sum(min(max(math.exp(a - c), 0.9), 1.1) for a, c in zip(lw.tolist(), rw.tolist())) / 3, abs=1e-6
+    )
 
 
 def test_clamp_bounds_and_zero_gradient_outside():
@@ -91,7 +95,9 @@ def test_tensor_step_math_matches_scalar_version():
     sig = D.ddim_sigma_tensor(a_t, a_prev, 1.0)
     for i in range(3):
         assert a_prev[i].item() == pytest.approx(D.alpha_bar(sched, int(t_prev[i])))
-        assert sig[i].item() == pytest.approx(D.ddim_sigma(D.alpha_bar(sched, int(t[i])), D.alpha_bar(sched, int(t_prev[i])), 1.0))
+        assert sig[i].item() == pytest.approx(
+            D.ddim_sigma(D.alpha_bar(sched, int(t[i])), D.alpha_bar(sched, int(t_prev[i])), 1.0)
+        )
     x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     mean = D.ddim_mean_tensor(x0, eps, a_prev, sig)
     x = mean + sig.view(-1, 1, 1, 1).float() * torch.randn(3, 4, 8, 8)

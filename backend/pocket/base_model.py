@@ -229,7 +229,9 @@ def round_trip(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
 @torch.no_grad()
 def encode_dataset(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Posterior means of all images (unscaled)."""
-    return torch.cat([vae.encode(images[i : i + batch] * 2 - 1).latent_dist.mean for i in range(0, len(images), batch)])
+    return torch.cat(
+        [vae.encode(images[i : i + batch] * 2 - 1).latent_dist.mean for i in range(0, len(images), batch)]
+    )
 
 
 def train_unet(cfg: PocketModelConfig, latents: torch.Tensor, prompts: list[str], tokenizer, log_every: int = 100,
@@ -316,7 +318,9 @@ def _parameters(**modules) -> dict:
     return {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
 
 
-def build_base_model(cfg: PocketModelConfig, images: torch.Tensor, prompts: list[str], tokenizer, out_dir: Path) -> dict:
+def build_base_model(
+    cfg: PocketModelConfig, images: torch.Tensor, prompts: list[str], tokenizer, out_dir: Path
+) -> dict:
     """Train VAE, then UNet + text encoder, and save a diffusers folder to `out_dir` (atomically)."""
     t0 = time.time()
     vae = train_vae(cfg, images)
@@ -349,7 +353,10 @@ def refine_base_model(cfg: PocketModelConfig, images: torch.Tensor, prompts: lis
     t0 = time.time()
     vae = AutoencoderKL.from_pretrained(model_dir / "vae").eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
-    init = (UNet2DConditionModel.from_pretrained(model_dir / "unet"), CLIPTextModel.from_pretrained(model_dir / "text_encoder"))
+    init = (
+        UNet2DConditionModel.from_pretrained(model_dir / "unet"),
+        CLIPTextModel.from_pretrained(model_dir / "text_encoder"),
+    )
     latents = encode_dataset(vae, images) * vae.config.scaling_factor
     unet, text_encoder = train_unet(cfg, latents, prompts, tokenizer, init=init)
     stats = json.loads((model_dir / "pocket_build.json").read_text())

@@ -1,6 +1,6 @@
 """`spo pocket build`: rebuild the pocket world's shipped files, seeded and deterministic.
 
-    spo pocket build [--stage base|refine|data|encoder|scorer|spm|report ...]   (no --stage: all)
+    spo pocket build [--stage base|refine|data|encoder|scorer|spm|lspm|report ...]   (no --stage: all)
 
 Stages (each reads what the previous ones wrote):
   base    world images → VAE → UNet + text encoder → `model/` (a diffusers SD1.5-class folder)
@@ -11,6 +11,7 @@ Stages (each reads what the previous ones wrote):
           encoder it finds: run it once after `base` (a second run refits the refit encoder)
   scorer  the pocket "PickScore": a small CLIP trained on clean pairs → `scorer/`
   spm     the pocket step-aware preference model, from the scorer, on noisy x̂0 → `spm/`
+  lspm    the pocket latent SPM, from the pocket UNet's encoder, on the noisy latents → `lspm/`
   report  alignment/aesthetic of base-model samples on training and held-out prompts, SPM accuracy
           per timestep, a sample grid → `report.json`, `pocket_grid.png`, `spm_eval.png`
 Timings and settings land in `build_log.json`.
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 POCKET_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = POCKET_ROOT / "model"
-STAGES = ("base", "refine", "data", "encoder", "scorer", "spm", "report")
+STAGES = ("base", "refine", "data", "encoder", "scorer", "spm", "lspm", "report")
 
 
 def world_dataset(n: int, seed: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
@@ -112,6 +113,20 @@ def stage_spm(steps: int = 1500) -> dict:
     return {"steps": steps, "run": cfg.output_dir}
 
 
+def stage_lspm(steps: int = 1500) -> dict:
+    from ..config import load_config
+    from ..preference.train import SPMTrainConfig, train_spm
+    from ..sources import POCKET_LSPM_DIR
+    from .preference_data import TRAIN_PAIRS
+
+    cfg = load_config(SPMTrainConfig, POCKET_ROOT.parents[1] / "configs" / "pocket_lspm.yaml",
+                      [f"train_data={TRAIN_PAIRS}", f"max_steps={steps}"])
+    _clear_run(Path(cfg.output_dir))
+    out = train_spm(cfg)
+    _replace_dir(out, POCKET_LSPM_DIR)
+    return {"steps": steps, "run": cfg.output_dir}
+
+
 def stage_encoder(cfg: PocketModelConfig | None = None, model_dir: Path = DEFAULT_OUT) -> dict:
     from diffusers import AutoencoderKL
 
@@ -178,6 +193,8 @@ def build(stages: tuple[str, ...] = STAGES, cfg: PocketModelConfig | None = None
             info = stage_scorer()
         elif name == "spm":
             info = stage_spm()
+        elif name == "lspm":
+            info = stage_lspm()
         elif name == "encoder":
             info = stage_encoder(cfg, out_dir)
         else:

@@ -108,7 +108,9 @@ def sample_images(model, prompts: list[str], seeds: list[int], cfg: PreferenceDa
     out: list[np.ndarray] = []
     for i in range(0, len(prompts), cfg.batch):
         ps, ss = prompts[i : i + cfg.batch], seeds[i : i + cfg.batch]
-        latents = torch.cat([diffusion.initial_latents(model, 1, generator=torch.Generator().manual_seed(s)) for s in ss])
+        latents = torch.cat(
+            [diffusion.initial_latents(model, 1, generator=torch.Generator().manual_seed(s)) for s in ss]
+        )
         traj = diffusion.sample(model, ps, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale, eta=cfg.eta,
                                 generator=torch.Generator().manual_seed(ss[0] + 17), latents=latents, record=False)
         images = model.decode(traj.latents)

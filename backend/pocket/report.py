@@ -41,7 +41,11 @@ GRID_PROMPTS = [
 def _mean_se(values: list[float]) -> dict:
     arr = np.asarray(values, dtype=np.float64)
     n = len(arr)
-    return {"mean": float(arr.mean()), "stderr": float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"), "n": n}
+    return {
+        "mean": float(arr.mean()),
+        "stderr": float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+        "n": n,
+    }
 
 
 @torch.no_grad()
@@ -52,7 +56,9 @@ def sample_uint8(model, prompts: list[str], seeds: list[int], num_steps=20, cfg_
     out = []
     for i in range(0, len(prompts), batch):
         ps, ss = prompts[i : i + batch], seeds[i : i + batch]
-        latents = torch.cat([diffusion.initial_latents(model, 1, generator=torch.Generator().manual_seed(s)) for s in ss])
+        latents = torch.cat(
+            [diffusion.initial_latents(model, 1, generator=torch.Generator().manual_seed(s)) for s in ss]
+        )
         traj = diffusion.sample(model, ps, num_steps=num_steps, cfg_scale=cfg_scale, eta=eta, latents=latents,
                                 generator=torch.Generator().manual_seed(ss[0] + 1), unet=unet, record=False)
         out += list((model.decode(traj.latents).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
@@ -89,7 +95,9 @@ def sample_grid(model, out_png: Path, prompts: list[str] = GRID_PROMPTS, seeds: 
     """A grid: one row per prompt, `seeds` samples each, upscaled (nearest) for viewing."""
     from PIL import Image, ImageDraw
 
-    images = sample_uint8(model, [p for p in prompts for _ in range(seeds)], [7 + i % seeds for i in range(len(prompts) * seeds)])
+    images = sample_uint8(
+        model, [p for p in prompts for _ in range(seeds)], [7 + i % seeds for i in range(len(prompts) * seeds)]
+    )
     size = images[0].shape[0] * scale
     label_w = 330
     sheet = Image.new("RGB", (label_w + seeds * size, len(prompts) * size), "white")

@@ -120,7 +120,11 @@ def share_pairs(accelerator, pairs, seed: int, round_index: int, micro_batch: in
     union = cls.cat([cls.from_state(s) for s in everyone if len(s["prompts"])]) if any(
         len(s["prompts"]) for s in everyone) else pairs
     n = len(union)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + round_index)) if n else torch.zeros(0, dtype=torch.long)
+    perm = (
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + round_index))
+        if n
+        else torch.zeros(0, dtype=torch.long)
+    )
     per_rank = -(-n // world)  # ceil
     per_rank = -(-per_rank // micro_batch) * micro_batch if n else 0
     idx = perm[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
@@ -320,7 +324,9 @@ def train(cfg, method_cls: type[Method], run_stop: StopFlag | None = None) -> di
             raise RuntimeError(f"{run_dir}: the LoRA weights differ between processes after training")
     files = {}
     if main:
-        provenance = {"base_model": cfg.base_model, "method": name, "config_hash": config_hash(cfg), "steps": str(step)}
+        provenance = {
+            "base_model": cfg.base_model, "method": name, "config_hash": config_hash(cfg), "steps": str(step)
+        }
         files = save_lora_files(raw_unet, run_dir, f"{name}_lora", model.family, provenance)
         log.event(status, step=step, lora=files)
     log.close()

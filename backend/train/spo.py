@@ -100,7 +100,9 @@ class SPOConfig(TrainConfig):
         if not 0 <= self.divert_start_step < self.num_steps:
             raise ValueError(f"divert_start_step must lie in [0, num_steps); got {self.divert_start_step}")
         if self.eta <= 0:
-            raise ValueError(f"SPO needs eta > 0 (stochastic steps give the pool and the log-probabilities); got {self.eta}")
+            raise ValueError(
+                f"SPO needs eta > 0 (stochastic steps give the pool and the log-probabilities); got {self.eta}"
+            )
         if not 0 < self.clip_range < 1:
             raise ValueError(f"clip_range must lie in (0, 1); got {self.clip_range}")
         if self.reward_mode not in REWARD_MODES:
