@@ -11,7 +11,8 @@ def args_pocket(p: argparse.ArgumentParser) -> None:
     b = sub.add_parser("build", help="rebuild the pocket model, preference data, scorer and SPMs (seeded, "
                                      "deterministic)")
     b.add_argument("--stage", action="append", default=None,
-                   help="base, refine, data, encoder, scorer, spm, lspm or report (repeatable; default: all, in that order)")
+                   help="base, refine, data, encoder, scorer, spm, lspm or report "
+                        "(repeatable; default: all, in that order)")
     b.add_argument("--out", default=None, help="base model folder (default: backend/pocket/model)")
     b.add_argument("--unet-steps", type=int, default=None, help="override the UNet training steps (default 2800)")
     b.add_argument("--vae-steps", type=int, default=None, help="override the VAE training steps (default 1500)")
