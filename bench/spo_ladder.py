@@ -8,6 +8,7 @@ Rungs (everything else is `configs/pocket_spo.yaml`, overridable with key=value)
              never a result: the judge it optimises is the judge it is evaluated by)
   b'         the same judge in mode x0 — what step-unawareness costs
   c          the pocket SPM (the real thing)
+  c-latent   the pocket latent SPM (judges the candidates' noisy latents, no decode)
   control    spm: reward:random — pairs chosen by noise: what training alone does to the images
 Each run trains, then samples the 22 held-out prompts × `--eval-seeds` seeds with DDIM η = 0 (base and
 LoRA from the same noise) and prints steps, pairs, wall time and the paired differences (LoRA − base)
@@ -35,6 +36,7 @@ RUNGS = {
     "b": {"spm": "reward:pocket-aesthetic", "reward_mode": "complete", "reward_scale": 10.0},
     "b'": {"spm": "reward:pocket-aesthetic", "reward_mode": "x0", "reward_scale": 10.0},
     "c": {"spm": "pocket"},
+    "c-latent": {"spm": "pocket-latent"},
     "control": {"spm": "reward:random", "reward_mode": "x0", "reward_scale": 10.0},
 }
 

