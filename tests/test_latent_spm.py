@@ -92,3 +92,16 @@ def test_eval_hands_the_latent_spm_the_same_noisy_latents(tiny_dirs, tiny_lspm, 
     again = bucket_verdicts({"lspm": (latent, True)}, model, pairs, buckets=(0, 500), batch_size=4)
     assert both == again and set(both) == {"clean", "0", "500"} and len(both["500"]["lspm"]) == len(pairs)
     assert isinstance(latent, LatentScorer)
+
+
+def test_the_shipped_pocket_latent_spm(tmp_path):
+    """`pocket-latent` names the shipped pocket latent SPM, for the trainer, the scorers and the job store."""
+    from spo_studio.backend.jobs import JobStore
+
+    model = load_model("pocket", device="cpu", dtype="fp32")
+    scorer = Scorer.from_path("pocket-latent", model)
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    scores = scorer.score_latents(z, ["a red circle on a blue background"] * 2, 500)
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    job = JobStore(tmp_path / "runs", devices=["cpu"]).submit("spo", {"spm": "pocket-latent"}, start=False)
+    assert "spm: pocket-latent" in (tmp_path / "runs" / job.run_dir.split("/")[-1] / "job.yaml").read_text()
