@@ -72,16 +72,18 @@ class LatentJudge:
         return int(ms.timestep(sigma.to(ms.sigmas.device if hasattr(ms, "sigmas") else "cpu")).item())
 
     @torch.no_grad()
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Scaled x̂0 latents [B, C, H, W] → images [B, 3, H, W] in [0, 1] (float32, CPU)."""
-        if getattr(self.scorer, "latent_decode", False):
+    def decode(self, x0: torch.Tensor, preview: int = 0) -> torch.Tensor:
+        """Scaled x̂0 latents [B, C, H, W] → images [B, 3, H, W] in [0, 1] (float32, CPU). `preview` > 0: a
+        preview decode of the latent shrunk to about that many pixels (for pictures, not for scoring)."""
+        size = preview or (self.scorer.spm.image_size if getattr(self.scorer, "latent_decode", False) else 0)
+        if size:
             from ..backend.preference.scoring import shrink_latents
 
             ratio = getattr(self.vae, "downscale_ratio", None)
             if not isinstance(ratio, int):
                 raise ValueError(f"the fast decode needs a VAE with an integer downscale ratio (SD1.5/SDXL); "
                                  f"this VAE has {ratio!r}: load the preference model with decode = full")
-            x0 = shrink_latents(x0, self.scorer.spm.image_size, ratio)
+            x0 = shrink_latents(x0, size, ratio)
         latent = self._need_base().process_latent_out(x0)
         images = self.vae.decode(latent)
         return images.movedim(-1, 1).float().cpu()
@@ -195,7 +197,9 @@ class StepRecorder:
         the step's noisy latent x, with no decode; the x̂0 is decoded for the thumbnails only)."""
         ts = [self.judge.timestep(self.sigmas[job[0]]) for job in jobs]
         sizes = [job[1].shape[0] for job in jobs]
-        images = self.judge.decode(torch.cat([job[1] for job in jobs]))
+        # a latent SPM needs no decode to score: the x̂0 strip gets a preview decode at half the thumbnail size
+        preview = max(1, self.thumb_size // 2) if self.judge.reads_noisy_latents else 0
+        images = self.judge.decode(torch.cat([job[1] for job in jobs]), preview=preview)
         if self.judge.reads_noisy_latents:
             sig = torch.tensor([self.sigmas[job[0]] for job in jobs for _ in range(job[1].shape[0])])
             scores = self.judge.score_noisy(torch.cat([job[2] for job in jobs]), sig)
