@@ -17,8 +17,10 @@ reader never sees half a file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -71,6 +73,21 @@ def save_safetensors_atomic(
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | Path):
+    """Write a folder atomically: yields a fresh temporary sibling, which replaces `out_dir` only when the
+    block ends without an error (a crash leaves the old folder, or none, never a half-written one)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
 
 
 def _check_plain(state_dict: dict[str, torch.Tensor], what: str) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import sources
 from ..config import atomic_write_text
 from . import world
 from .base_model import PocketModelConfig, build_base_model
@@ -85,46 +86,28 @@ def stage_data() -> dict:
     return build_preference_data(load_model("pocket", device="cpu"))
 
 
-def stage_scorer(steps: int = 1500) -> dict:
+def _train_preset(preset: str, dest: Path, steps: int) -> dict:
+    """Train a scorer preset (`configs/<preset>.yaml`) on the pocket training pairs and ship it at `dest`."""
     from ..config import load_config
     from ..preference.train import SPMTrainConfig, train_spm
-    from ..sources import POCKET_SCORER_DIR
-    from .preference_data import TRAIN_PAIRS
 
-    cfg = load_config(SPMTrainConfig, POCKET_ROOT.parents[1] / "configs" / "pocket_scorer.yaml",
-                      [f"train_data={TRAIN_PAIRS}", f"max_steps={steps}"])
+    cfg = load_config(SPMTrainConfig, POCKET_ROOT.parents[1] / "configs" / f"{preset}.yaml",
+                      [f"train_data={sources.POCKET_TRAIN_PAIRS}", f"max_steps={steps}"])
     _clear_run(Path(cfg.output_dir))
-    out = train_spm(cfg)
-    _replace_dir(out, POCKET_SCORER_DIR)
+    _replace_dir(train_spm(cfg), dest)
     return {"steps": steps, "run": cfg.output_dir}
+
+
+def stage_scorer(steps: int = 1500) -> dict:
+    return _train_preset("pocket_scorer", sources.POCKET_SCORER_DIR, steps)
 
 
 def stage_spm(steps: int = 1500) -> dict:
-    from ..config import load_config
-    from ..preference.train import SPMTrainConfig, train_spm
-    from ..sources import POCKET_SPM_DIR
-    from .preference_data import TRAIN_PAIRS
-
-    cfg = load_config(SPMTrainConfig, POCKET_ROOT.parents[1] / "configs" / "pocket_spm.yaml",
-                      [f"train_data={TRAIN_PAIRS}", f"max_steps={steps}"])
-    _clear_run(Path(cfg.output_dir))
-    out = train_spm(cfg)
-    _replace_dir(out, POCKET_SPM_DIR)
-    return {"steps": steps, "run": cfg.output_dir}
+    return _train_preset("pocket_spm", sources.POCKET_SPM_DIR, steps)
 
 
 def stage_lspm(steps: int = 1500) -> dict:
-    from ..config import load_config
-    from ..preference.train import SPMTrainConfig, train_spm
-    from ..sources import POCKET_LSPM_DIR
-    from .preference_data import TRAIN_PAIRS
-
-    cfg = load_config(SPMTrainConfig, POCKET_ROOT.parents[1] / "configs" / "pocket_lspm.yaml",
-                      [f"train_data={TRAIN_PAIRS}", f"max_steps={steps}"])
-    _clear_run(Path(cfg.output_dir))
-    out = train_spm(cfg)
-    _replace_dir(out, POCKET_LSPM_DIR)
-    return {"steps": steps, "run": cfg.output_dir}
+    return _train_preset("pocket_lspm", sources.POCKET_LSPM_DIR, steps)
 
 
 def stage_encoder(cfg: PocketModelConfig | None = None, model_dir: Path = DEFAULT_OUT) -> dict:

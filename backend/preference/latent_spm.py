@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -106,28 +105,23 @@ class LatentPreferenceModel(nn.Module):
         """Write the folder format above, atomically (a temporary folder renamed into place)."""
         from safetensors.torch import save_file
 
-        out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
-        (tmp / "unet_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        encoder = {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()}
-        save_file(encoder, tmp / "encoder.safetensors", metadata={"format": LSPM_FORMAT})
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-                  tmp / "head.safetensors", metadata={"format": LSPM_FORMAT})
-        for i, (encoder_model, tokenizer) in enumerate(zip(self.text.text_encoders, self.text.tokenizers)):
-            suffix = "" if i == 0 else f"_{i + 1}"
-            encoder_model.save_pretrained(tmp / f"text_encoder{suffix}")
-            tokenizer.save_pretrained(tmp / f"tokenizer{suffix}")
-        meta = {"format": LSPM_FORMAT, "family": self.family, "resolution": self.resolution,
-                "head_dim": self.head[0].out_features, **(extra or {})}
-        (tmp / "lspm.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-        return out
+        from ..checkpoint_io import atomic_folder
+
+        with atomic_folder(out_dir) as tmp:
+            config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+            (tmp / "unet_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+            encoder = {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()}
+            save_file(encoder, tmp / "encoder.safetensors", metadata={"format": LSPM_FORMAT})
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                      tmp / "head.safetensors", metadata={"format": LSPM_FORMAT})
+            for i, (encoder_model, tokenizer) in enumerate(zip(self.text.text_encoders, self.text.tokenizers)):
+                suffix = "" if i == 0 else f"_{i + 1}"
+                encoder_model.save_pretrained(tmp / f"text_encoder{suffix}")
+                tokenizer.save_pretrained(tmp / f"tokenizer{suffix}")
+            meta = {"format": LSPM_FORMAT, "family": self.family, "resolution": self.resolution,
+                    "head_dim": self.head[0].out_features, **(extra or {})}
+            (tmp / "lspm.json").write_text(json.dumps(meta, indent=2))
+        return Path(out_dir)
 
     @classmethod
     def load(cls, path: str | Path, device=None, dtype=torch.float32) -> "LatentPreferenceModel":

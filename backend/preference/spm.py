@@ -158,27 +158,20 @@ class StepAwarePreferenceModel(nn.Module):
     # -- persistence ------------------------------------------------------------------------------
     def save(self, out_dir: str | Path, extra: dict | None = None) -> Path:
         """Write `clip/` (+ `tokenizer/`), `time_conditioning.safetensors` and `spm.json`, atomically."""
-        import shutil
-
         from safetensors.torch import save_file
 
-        out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        self.clip.save_pretrained(tmp / "clip")
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.time.state_dict().items()}
-        save_file(state, tmp / "time_conditioning.safetensors", metadata={"format": SPM_FORMAT})
-        meta = {"format": SPM_FORMAT, "freq_dim": self.time.freq_dim, "preprocess": self.preprocess_mode,
-                **(extra or {})}
-        (tmp / "spm.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-        return out
+        from ..checkpoint_io import atomic_folder
+
+        with atomic_folder(out_dir) as tmp:
+            self.clip.save_pretrained(tmp / "clip")
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp / "tokenizer")
+            state = {k: v.detach().contiguous().cpu() for k, v in self.time.state_dict().items()}
+            save_file(state, tmp / "time_conditioning.safetensors", metadata={"format": SPM_FORMAT})
+            meta = {"format": SPM_FORMAT, "freq_dim": self.time.freq_dim, "preprocess": self.preprocess_mode,
+                    **(extra or {})}
+            (tmp / "spm.json").write_text(json.dumps(meta, indent=2))
+        return Path(out_dir)
 
     @classmethod
     def load(cls, path: str | Path, device=None, dtype=torch.float32,
