@@ -300,6 +300,17 @@ def test_step_inspector_and_pool_explorer(page, job_spm, pocket_lora):
              5.0, 1.0)
 
 
+def test_inspector_and_pool_explorer_with_the_latent_spm(page):
+    """`pocket-latent`: every step's x_t and each pool candidate are scored by the latent SPM itself."""
+    client = page["client"]
+    plot, summary, gallery = call(client, "/inspect_steps", "pocket", "pocket-latent", [], 1.0, POCKET_PROMPTS[0],
+                                  0, 4, 5.0, 1.0)
+    assert len(plot["data"]) == 4 and len({row[2] for row in plot["data"]}) > 1
+    summary, gallery = call(client, "/explore_pool", "pocket", "pocket-latent", None, 1.0, POCKET_PROMPTS[0], 0,
+                            4, 5.0, 1.0, 1, 3, 0.0)
+    assert len(gallery) == 1 + 3 and "the pair is **kept**" in summary
+
+
 def test_lora_tools(page, pocket_lora):
     client, runs = page["client"], page["runs"]
     info = call(client, "/lora_info", handle_file(str(pocket_lora)), None)

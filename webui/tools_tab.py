@@ -20,8 +20,9 @@ def _model_inputs(prefix: str):
         model = gr.Dropdown(choices=["pocket"], value="pocket", allow_custom_value=True, label="Base model",
                             info="'pocket', or a local SD1.5 / SDXL diffusers folder or .safetensors file",
                             elem_id=f"{prefix}-model")
-        spm = gr.Dropdown(choices=["pocket"], value="pocket", allow_custom_value=True, label="SPM",
-                          info="step-aware preference model: 'pocket' or an SPM folder", elem_id=f"{prefix}-spm")
+        spm = gr.Dropdown(choices=["pocket", "pocket-latent"], value="pocket", allow_custom_value=True, label="SPM",
+                          info="step-aware preference model: 'pocket', 'pocket-latent' (the latent SPM), an SPM "
+                               "or latent SPM folder, or an official SPO .bin", elem_id=f"{prefix}-spm")
     return model, spm
 
 

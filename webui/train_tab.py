@@ -30,7 +30,8 @@ def _widget(spec: form.FieldSpec, value, method: str):
     if spec.kind == "choice":
         return gr.Dropdown(choices=spec.choices, value=value, label=label, info=info, elem_id=elem_id)
     if spec.kind == "source":
-        choices = ["pocket"] + ([value] if value and value != "pocket" else [])
+        named = ["pocket", "pocket-latent"] if spec.name == "spm" else ["pocket"]
+        choices = named + ([value] if value and value not in named else [])
         return gr.Dropdown(choices=choices, value=value, allow_custom_value=True, label=label,
                            info=info + " — type a local path for your own", elem_id=elem_id)
     if spec.kind == "list":
