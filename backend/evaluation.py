@@ -61,22 +61,29 @@ def load_eval_prompts(spec: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def pocket_judges() -> dict:
+    """The pocket world's two judges as metrics: (images [B, 3, H, W] in [0, 1], prompts) → scores [B]."""
+    from .pocket import judges
+
+    def to_uint8(images):
+        return list((images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8))
+
+    return {
+        "alignment": lambda images, ps: [float(v["all_ok"]) for v in judges.alignment_batch(to_uint8(images), ps)],
+        "aesthetic": lambda images, ps: judges.aesthetic_batch(to_uint8(images)),
+    }
+
+
 def _pocket_metrics(prompts: list[str]) -> dict:
-    from .pocket import judges, world
+    """The pocket judges, when every prompt is in the pocket grammar (else none)."""
+    from .pocket import world
 
     try:
         for p in prompts:
             world.parse_prompt(p)
     except ValueError:
         return {}
-
-    def to_uint8(images):
-        return list((images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
-
-    return {
-        "alignment": lambda images, ps: [float(v["all_ok"]) for v in judges.alignment_batch(to_uint8(images), ps)],
-        "aesthetic": lambda images, ps: judges.aesthetic_batch(to_uint8(images)),
-    }
+    return pocket_judges()
 
 
 class _Clip:

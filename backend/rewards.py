@@ -97,17 +97,8 @@ def reward_function(spec: RewardSpec, device=None, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
         return lambda images, prompts: torch.rand(images.shape[0], generator=generator)
     if name.startswith("pocket-"):
-        import numpy as np
-
-        from .pocket import judges
-
-        def to_uint8(images):
-            return list((images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8))
-
-        if name == "pocket-aesthetic":
-            return lambda images, prompts: torch.tensor(judges.aesthetic_batch(to_uint8(images)), dtype=torch.float32)
-        return lambda images, prompts: torch.tensor(
-            [float(v["all_ok"]) for v in judges.alignment_batch(to_uint8(images), prompts)], dtype=torch.float32)
+        judge = ev.pocket_judges()[name.removeprefix("pocket-")]
+        return lambda images, prompts: torch.tensor(judge(images, prompts), dtype=torch.float32)
     builders = {"pickscore": ev.pickscore_metric, "clip": ev.clip_score_metric, "hpsv2": ev.hpsv2_metric,
                 "imagereward": ev.image_reward_metric, "laion-aesthetic": ev.laion_aesthetic_metric}
     metric = builders[name](*spec.paths, device)

@@ -47,12 +47,10 @@ def paired(after: np.ndarray, before: np.ndarray) -> dict:
 
 
 def metrics(images: torch.Tensor, prompts: list[str]) -> dict[str, np.ndarray]:
-    from spo_studio.backend.pocket import judges
+    from spo_studio.backend.evaluation import pocket_judges
 
-    arrays = list((images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
-    return {"aesthetic": np.asarray(judges.aesthetic_batch(arrays)),
-            "alignment": np.asarray([float(v["all_ok"]) for v in judges.alignment_batch(arrays, prompts)]),
-            "brightness": images.float().mean(dim=(1, 2, 3)).numpy()}
+    out = {name: np.asarray(judge(images, prompts)) for name, judge in pocket_judges().items()}
+    return {**out, "brightness": images.float().mean(dim=(1, 2, 3)).numpy()}
 
 
 def main(argv=None) -> int:

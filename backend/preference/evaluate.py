@@ -78,9 +78,9 @@ def bucket_verdicts(scorers: dict, base_model, pairs: list, buckets=BUCKETS, bat
     out: dict[str, dict[str, list[bool]]] = {"clean": {name: [] for name in scorers}}
     gen = torch.Generator().manual_seed(seed * 1_000_003 + 1000)
     for images, prompts, truth in _batches(pairs, size, batch_size):
+        z = base_model.encode_images(images.to(base_model.device), generator=gen) if latent else None
         for name, (scorer, step_aware) in scorers.items():
-            if name in latent:
-                z = base_model.encode_images(images.to(base_model.device), generator=gen)
+            if name in latent:  # every latent scorer judges the same latents
                 out["clean"][name] += _verdicts(scorer.score_latents(z, prompts, 0), truth)
             else:
                 out["clean"][name] += _verdicts(scorer.score_images(images, prompts, 0 if step_aware else None),

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lora_types import FAMILY_NAMES
+
 logger = logging.getLogger(__name__)
 
 LSPM_FORMAT = "spo-studio-lspm/1"
@@ -155,13 +157,11 @@ class LatentPreferenceModel(nn.Module):
         return model.eval()
 
 
-def _check_family(ours: str, theirs: str, what: str) -> None:
-    names = {"sd15": "SD1.5", "sdxl": "SDXL"}
+def _check_family(ours: str, theirs: str, mismatch: str) -> None:
+    """A clear error when latents of family `theirs` meet a latent SPM of family `ours`; `mismatch` says whose."""
     if ours != theirs:
-        owner = "SDXL's" if theirs == "sdxl" else "SD1.5's"
-        said = f"{what} {owner}" if what.endswith("are") else f"{what} {names.get(theirs, theirs)}"
-        raise ValueError(f"this latent SPM reads {names.get(ours, ours)} latents, but {said}: a latent SPM judges "
-                         f"only the latents of the model family it was trained on")
+        raise ValueError(f"this latent SPM reads {FAMILY_NAMES.get(ours, ours)} latents, but {mismatch}: a latent "
+                         f"SPM judges only the latents of the model family it was trained on")
 
 
 def _text_holder(family, encoders, tokenizers, device, dtype):
@@ -185,7 +185,7 @@ class LatentScorer:
 
     def __init__(self, lspm: LatentPreferenceModel, base_model=None, device=None, **_ignored):
         if base_model is not None:
-            _check_family(lspm.family, base_model.family, "the model is")
+            _check_family(lspm.family, base_model.family, f"the model is {FAMILY_NAMES.get(base_model.family)}")
         if device is None:
             device = base_model.device if base_model else "cpu"
         device = torch.device(device)
@@ -210,7 +210,7 @@ class LatentScorer:
         """Scores [B] of noisy latents x_t (scaled, as the UNet sees them) at timestep(s) t (None: t = 0);
         `family`, where the caller knows which model made the latents, is checked against the SPM's."""
         if family is not None:
-            _check_family(self.spm.family, family, "the latents are")
+            _check_family(self.spm.family, family, f"the latents are {FAMILY_NAMES.get(family, family)}'s")
         if len(prompts) != latents.shape[0]:
             raise ValueError(f"{latents.shape[0]} latents but {len(prompts)} prompts")
         if t is None:
