@@ -154,12 +154,13 @@ def predict(
 ) -> StepPrediction:
     """One UNet pass at (x_t, t): the CFG-combined ε̂ and x̂0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t (DDIM eq. 9).
 
-    `unet` overrides `model.unet` (e.g. a LoRA-wrapped policy); gradients flow if enabled.
+    `unet` overrides `model.unet` (e.g. a LoRA-wrapped policy); gradients flow if enabled. The UNet sees x_t in
+    the model's dtype; ε̂, x̂0 (and so the step's mean) keep x_t's dtype (fp32 trajectories of a bf16 model).
     """
     unet = unet if unet is not None else model.unet
     a_t = alpha_bar(model.scheduler, t)
     a_prev = alpha_bar(model.scheduler, t_prev)
-    eps = cfg_unet(unet, x_t, t, cond, negative, cfg_scale).to(x_t.dtype)
+    eps = cfg_unet(unet, x_t.to(model.dtype), t, cond, negative, cfg_scale).to(x_t.dtype)
     x0_hat = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     return StepPrediction(x_t=x_t, eps=eps, x0_hat=x0_hat, t=t, t_prev=t_prev, alpha_t=a_t, alpha_prev=a_prev)
 

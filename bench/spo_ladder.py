@@ -1,6 +1,7 @@
 """The SPO learning ladder on the pocket model: does SPO move what its step scorer rewards?
 
-    python bench/spo_ladder.py --rung a+ [--steps 64] [--seed 0] [--out runs/ladder] [key=value …]
+    python bench/spo_ladder.py --rung a+ [--steps 64 | --steps 16,32,64 | --minutes 15,30,60] [--seed 0]
+                               [--out runs/ladder] [--tag NAME] [key=value …]
 
 Rungs (everything else is `configs/pocket_spo.yaml`, overridable with key=value):
   a+ / a-    spm: reward:±brightness, mode x0 — a trivially learnable reward must move both ways
@@ -11,7 +12,8 @@ Rungs (everything else is `configs/pocket_spo.yaml`, overridable with key=value)
   c-latent   the pocket latent SPM (judges the candidates' noisy latents, no decode)
   control    spm: reward:random — pairs chosen by noise: what training alone does to the images
 Each run trains, then samples the 22 held-out prompts × `--eval-seeds` seeds with DDIM η = 0 (base and
-LoRA from the same noise) and prints steps, pairs, wall time and the paired differences (LoRA − base)
+LoRA from the same noise; with a comma list of budgets, after every stage: a learning curve) and prints
+steps, pairs, wall time and the paired differences (LoRA − base)
 of the aesthetic judge, the alignment judge and brightness, each with its standard error. One JSON
 line per run is appended to `<out>/ladder.jsonl`. Run one at a time: two trainings share 2 cores badly.
 """
@@ -62,46 +64,64 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rung", choices=sorted(RUNGS), required=True)
-    parser.add_argument("--steps", type=int, default=64, help="optimizer steps (0: use --minutes)")
-    parser.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget when --steps is 0")
+    parser.add_argument("--steps", default="64",
+                        help="optimizer steps; a comma list (16,32,64) trains in stages and evaluates after each, "
+                             "resuming the same run in between (a resumed run equals an uninterrupted one)")
+    parser.add_argument("--minutes", default="",
+                        help="instead of --steps: cumulative wall-clock budgets in minutes, a comma list (10,20,40)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-seeds", type=int, default=4)
     parser.add_argument("--out", default="runs/ladder")
+    parser.add_argument("--tag", default="", help="a label stored with the result (e.g. the lever tried)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the SPO config")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)
     out = Path(args.out)
+    by_minutes = bool(args.minutes)
+    budgets = [float(v) for v in (args.minutes or args.steps).split(",")]
+    if any(b <= 0 for b in budgets) or budgets != sorted(budgets):
+        parser.error("--steps / --minutes: positive budgets in increasing order")
     run_dir = out / f"{args.rung.replace(chr(39), 'p')}_s{args.seed}_{int(time.time())}"
-    values = {**RUNGS[args.rung], "output_dir": str(run_dir), "seed": args.seed, "epochs": 1000,
-              "max_steps": args.steps, "max_minutes": args.minutes if not args.steps else 0}
-    overrides = [f"{k}={v}" for k, v in values.items()] + list(args.overrides)
-    cfg = load_config(SPOConfig, Path(__file__).resolve().parents[1] / "configs" / "pocket_spo.yaml", overrides)
-    start = time.time()
-    result = train_spo(cfg)
-    train_s = time.time() - start
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rounds = {(r.get("epoch"), r.get("round")): r.get("pairs_in_round", 0) for r in rows}
-    pairs = int(sum(rounds.values()))  # pairs the rollouts kept
+    values = {**RUNGS[args.rung], "output_dir": str(run_dir), "seed": args.seed, "epochs": 1000}
+    preset = Path(__file__).resolve().parents[1] / "configs" / "pocket_spo.yaml"
 
     prompts = load_eval_prompts("pocket-held-out")
     grid = [(p, 10_000 + s) for p in prompts for s in range(args.eval_seeds)]
-    settings = EvalSettings(num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale, eta=0.0, batch=32)
-    model = load_model("pocket", device="cpu", dtype="fp32")
     ps, seeds = [p for p, _ in grid], [s for _, s in grid]
-    before = metrics(sample_images(model, ps, seeds, settings), ps)
-    lora.load_lora(model, run_dir / "lora" / "spo_lora_diffusers.safetensors")
-    after = metrics(sample_images(model, ps, seeds, settings), ps)
-    report = {"rung": args.rung, "seed": args.seed, "steps": result["step"], "pairs": pairs,
-              "train_seconds": round(train_s, 1), "config": {k: str(v) for k, v in values.items()},
-              "overrides": args.overrides, **{k: paired(after[k], before[k]) for k in before}}
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "ladder.jsonl", "a") as f:
-        f.write(json.dumps(report) + "\n")
-    print(f"rung {args.rung} seed {args.seed}: {report['steps']} steps, {pairs} pairs, {train_s:.0f} s")
-    for key in ("aesthetic", "alignment", "brightness"):
-        r = report[key]
-        print(f"  {key:10s} {r['diff']:+.4f} ± {r['se']:.4f}  (z = {r['diff'] / r['se']:+.1f}, n = {r['n']})")
+    before = None
+    trained_s, spent_min = 0.0, 0.0
+    for budget in budgets:
+        # a stage resumes the run (max_steps / max_minutes are resumable changes) up to its budget
+        stage = {"max_steps": 0, "max_minutes": budget - spent_min} if by_minutes else {"max_steps": int(budget)}
+        overrides = [f"{k}={v}" for k, v in {**values, **stage}.items()] + list(args.overrides)
+        cfg = load_config(SPOConfig, preset, overrides)
+        start = time.time()
+        result = train_spo(cfg)
+        trained_s += time.time() - start
+        spent_min = trained_s / 60
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rounds = {(r.get("epoch"), r.get("round")): r.get("pairs_in_round", 0) for r in rows}
+        pairs = int(sum(rounds.values()))  # pairs the rollouts kept
+
+        settings = EvalSettings(num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale, eta=0.0, batch=32)
+        model = load_model("pocket", device="cpu", dtype="fp32")
+        if before is None:
+            before = metrics(sample_images(model, ps, seeds, settings), ps)
+        lora.load_lora(model, run_dir / "lora" / "spo_lora_diffusers.safetensors")
+        after = metrics(sample_images(model, ps, seeds, settings), ps)
+        report = {"rung": args.rung, "seed": args.seed, "tag": args.tag, "steps": result["step"], "pairs": pairs,
+                  "train_seconds": round(trained_s, 1), "config": {k: str(v) for k, v in values.items()},
+                  "overrides": args.overrides, **{k: paired(after[k], before[k]) for k in before}}
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "ladder.jsonl", "a") as f:
+            f.write(json.dumps(report) + "\n")
+        print(f"rung {args.rung} seed {args.seed} {args.tag}: {report['steps']} steps, {pairs} pairs, "
+              f"{trained_s:.0f} s", flush=True)
+        for key in ("aesthetic", "alignment", "brightness"):
+            r = report[key]
+            z = f"{r['diff'] / r['se']:+.1f}" if r["se"] > 0 else "–"
+            print(f"  {key:10s} {r['diff']:+.4f} ± {r['se']:.4f}  (z = {z}, n = {r['n']})", flush=True)
     return 0
 
 

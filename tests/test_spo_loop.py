@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from spo_studio.backend.config import load_config
 from spo_studio.backend.runs import read_jsonl
@@ -43,15 +44,20 @@ def test_spo_run_writes_metrics_lora_and_samples(tiny_dirs, tiny_spm, prompts_fi
     assert (tmp_path / "run" / "lora" / "spo_lora_webui.safetensors").exists()
 
 
-def test_resume_mid_round_equals_uninterrupted(tiny_dirs, tiny_spm, prompts_file, tmp_path):
-    full = train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, tmp_path / "full"))
+# every lever of spo_levers.py at once: group pools must resume mid-round like pairs do
+LEVERS = {"pair_mode": "group", "timestep_balance": True, "kl_coef": 0.5, "fp32_candidates": True}
+
+
+@pytest.mark.parametrize("levers", [{}, LEVERS], ids=["paper", "levers"])
+def test_resume_mid_round_equals_uninterrupted(tiny_dirs, tiny_spm, prompts_file, tmp_path, levers):
+    full = train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, tmp_path / "full", **levers))
     total = full["step"]
     assert total >= 6
     cut = total // 2 + 1  # lands inside a round (rounds have several micro-steps)
-    first = train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, tmp_path / "cut", max_steps=cut))
+    first = train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, tmp_path / "cut", max_steps=cut, **levers))
     assert first["step"] == cut
     state = torch.load(next((tmp_path / "cut" / "checkpoints").glob("step-*")) / "state.pt", weights_only=False)
-    second = train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, tmp_path / "cut"))
+    second = train_spo(_cfg(tiny_dirs, tiny_spm, prompts_file, tmp_path / "cut", **levers))
     assert second["step"] == total
     a, b = _lora(tmp_path / "full"), _lora(tmp_path / "cut")
     assert a.keys() == b.keys()

@@ -32,7 +32,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import diffusion, sources
 from ..config import option
@@ -41,6 +40,16 @@ from ..rewards import MODES as REWARD_MODES
 from ..rewards import is_reward, parse_reward
 from .common import TrainConfig
 from .method import Method, reference_pass
+from .spo_levers import (
+    PAIR_MODES,
+    Groups,
+    PoolItems,
+    advantage_loss,
+    balance_reference,
+    gradient_scale,
+    group_advantages,
+    transition_kl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +90,16 @@ class SPOConfig(TrainConfig):
     fast_decode: bool = option(False, "score the pool from x̂0 latents shrunk to the SPM's input size before the "
                                       "VAE (about 3x less decode work on the pocket model, 5x for SD1.5 + "
                                       "PickScore; the official code decodes at full size)")
+    # the signal and stability levers (spo_levers.py); defaults are the paper's behaviour
+    pair_mode: str = option("best-worst", "which candidates of a pool train: 'best-worst' (the paper: argmax "
+                                          "against argmin, eq. 10) or 'group' (all k, each weighted by its "
+                                          "group-relative advantage A_i = (s_i − mean)/std over the pool)")
+    timestep_balance: bool = option(False, "multiply each pair's loss by ḡ/g_t, g_t = |∂μ/∂ε̂|/σ_t, so the last "
+                                           "steps (g up to 8x the mean) no longer dominate the gradient (paper: off)")
+    kl_coef: float = option(0.0, "λ of a trust region at every t: adds λ·KL(p_θ(·|x_t) ‖ p_ref(·|x_t)) = "
+                                 "λ·mean (μ_θ − μ_ref)²/(2σ_t²) per pair (paper: 0, the clamp only)")
+    fp32_candidates: bool = option(False, "keep trajectories and pools in fp32 when the UNet runs in fp16/bf16, so "
+                                          "the training targets x_{t−1} carry no rounding (paper: model dtype)")
 
     def validate(self) -> None:
         super().validate()
@@ -113,6 +132,10 @@ class SPOConfig(TrainConfig):
             raise ValueError(f"reward_scale must be a finite number > 0; got {self.reward_scale}")
         if not 0 <= self.threshold < 1:
             raise ValueError(f"threshold must lie in [0, 1); got {self.threshold}")
+        if self.pair_mode not in PAIR_MODES:
+            raise ValueError(f"pair_mode must be one of {PAIR_MODES}; got {self.pair_mode!r}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0 (0: off); got {self.kl_coef}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,25 +144,18 @@ class SPOConfig(TrainConfig):
 
 
 def spo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_logp_w: torch.Tensor, ref_logp_l: torch.Tensor,
-             beta: float, clip_range: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+             beta: float, clip_range: float, weight: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """SPO eq. 9–10: L = −log σ(β·(log clamp(r_w) − log clamp(r_l))), mean over (weighted) pairs.
 
     log r = log p_θ − log p_ref, and clamp(r, 1−ε, 1+ε) in log space is clamp(log r, log(1−ε), log(1+ε)).
-    `weight` [N] (0 or 1) masks padding pairs without changing the graph (multi-process balance).
+    `weight` [N] (0 or 1) masks padding pairs without changing the graph (multi-process balance); `scale` [N]
+    multiplies each pair's loss (per-timestep balance). Stats: the mean clamped ratios and `clamped`, the share
+    of pairs whose r_w or r_l left [1−ε, 1+ε] (no gradient through them): how much the trust region binds.
     """
-    lo, hi = math.log(1 - clip_range), math.log(1 + clip_range)
-    raw_w, raw_l = logp_w - ref_logp_w, logp_l - ref_logp_l
-    log_r_w, log_r_l = raw_w.clamp(lo, hi), raw_l.clamp(lo, hi)
-    per_pair = -F.logsigmoid(beta * (log_r_w - log_r_l))
-    if weight is None:
-        weight = torch.ones_like(per_pair)
-    total = weight.sum().clamp(min=1)
-    loss = (per_pair * weight).sum() / total
-    # share of pairs whose r_w or r_l left [1−ε, 1+ε] (no gradient through them): how much the trust region binds
-    outside = ((raw_w != log_r_w) | (raw_l != log_r_l)).detach().float()
-    stats = {"ratio_w": log_r_w.detach().exp().mean().item(), "ratio_l": log_r_l.detach().exp().mean().item(),
-             "clamped": ((outside * weight.detach()).sum() / total).item()}
-    return loss, stats
+    adv = torch.tensor([1.0, -1.0]).to(logp_w).expand(len(logp_w), 2)
+    return advantage_loss(torch.stack([logp_w, logp_l], 1), torch.stack([ref_logp_w, ref_logp_l], 1), adv, beta,
+                          clip_range, weight, scale)
 
 
 def select_pairs(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,7 +175,7 @@ def select_pairs(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, 
 
 
 @dataclass
-class Pairs:
+class Pairs(PoolItems):
     """Training pairs of a round: winner and loser share x_t and the prompt."""
 
     x_t: torch.Tensor  # [N, C, H, W]
@@ -169,27 +185,9 @@ class Pairs:
     t_prev: torch.Tensor  # [N] long
     prompts: list[str]
 
-    def __len__(self) -> int:
-        return self.x_t.shape[0]
-
-    def index(self, idx) -> "Pairs":
-        idx_list = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
-        sel = torch.as_tensor(idx_list, dtype=torch.long)
-        return Pairs(self.x_t[sel], self.x_w[sel], self.x_l[sel], self.t[sel], self.t_prev[sel],
-                     [self.prompts[i] for i in idx_list])
-
-    @staticmethod
-    def cat(parts: list["Pairs"]) -> "Pairs":
-        return Pairs(*(torch.cat([getattr(p, f) for p in parts]) for f in ("x_t", "x_w", "x_l", "t", "t_prev")),
-                     [s for p in parts for s in p.prompts])
-
-    def to_state(self) -> dict:
-        return {"x_t": self.x_t.cpu(), "x_w": self.x_w.cpu(), "x_l": self.x_l.cpu(), "t": self.t.cpu(),
-                "t_prev": self.t_prev.cpu(), "prompts": list(self.prompts)}
-
-    @staticmethod
-    def from_state(state: dict) -> "Pairs":
-        return Pairs(state["x_t"], state["x_w"], state["x_l"], state["t"], state["t_prev"], state["prompts"])
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidates [N, 2, C, H, W] and their advantages (+1, −1), as `Groups` gives them."""
+        return torch.stack([self.x_w, self.x_l], 1), torch.tensor([1.0, -1.0]).expand(len(self), 2)
 
 
 @torch.no_grad()
@@ -204,6 +202,9 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
     grid = diffusion.timesteps(model.scheduler, cfg.num_steps)
     prev = [diffusion.prev_timestep(model.scheduler, t, cfg.num_steps) for t in grid]
     x = diffusion.initial_latents(model, b, generator=generator)
+    if cfg.fp32_candidates:  # the UNet gets its dtype at its input (diffusion.predict); all else stays fp32
+        x = x.float()
+    group = cfg.pair_mode == "group"
 
     pred = None
     kept: list[Pairs] = []
@@ -240,14 +241,15 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
         pairs_possible += b
         rows = torch.nonzero(keep).flatten()
         if len(rows):
-            kept.append(Pairs(
-                x_t=x[rows].detach().float().cpu(),
-                x_w=pool.candidates[rows, win[rows]].float().cpu(),
-                x_l=pool.candidates[rows, lose[rows]].float().cpu(),
-                t=torch.full((len(rows),), t, dtype=torch.long),
-                t_prev=torch.full((len(rows),), t_prev, dtype=torch.long),
-                prompts=[prompts[r] for r in rows.tolist()],
-            ))
+            common = {"x_t": x[rows].detach().float().cpu(), "t": torch.full((len(rows),), t, dtype=torch.long),
+                      "t_prev": torch.full((len(rows),), t_prev, dtype=torch.long),
+                      "prompts": [prompts[r] for r in rows.tolist()]}
+            if group:  # every candidate of the pool, with its group-relative advantage
+                kept.append(Groups(x=pool.candidates[rows].float().cpu(), adv=group_advantages(scores[rows]).cpu(),
+                                   **common))
+            else:
+                kept.append(Pairs(x_w=pool.candidates[rows, win[rows]].float().cpu(),
+                                  x_l=pool.candidates[rows, lose[rows]].float().cpu(), **common))
         # continue from a uniformly random candidate, whatever its score; its prediction is cached
         pick = torch.randint(0, k, (b,), generator=generator)
         x = pool.candidates[torch.arange(b), pick]
@@ -257,8 +259,8 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
             pred = diffusion.StepPrediction(x_t=x, eps=nxt.eps[sel], x0_hat=nxt.x0_hat[sel], t=nxt.t,
                                             t_prev=nxt.t_prev, alpha_t=nxt.alpha_t, alpha_prev=nxt.alpha_prev)
     all_scores = torch.cat(scores_seen) if scores_seen else torch.zeros(0)
-    pairs = Pairs.cat(kept) if kept else Pairs(*(torch.zeros(0),) * 3, torch.zeros(0, dtype=torch.long),
-                                               torch.zeros(0, dtype=torch.long), [])
+    items = Groups if group else Pairs
+    pairs = items.cat(kept) if kept else items.empty()
     stats = {"pairs": len(pairs), "pair_yield": len(pairs) / max(1, pairs_possible),
              "score_mean": all_scores.mean().item() if all_scores.numel() else float("nan"),
              "score_std": all_scores.std().item() if all_scores.numel() > 1 else float("nan")}
@@ -270,22 +272,32 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
 # ----------------------------------------------------------------------------------------------
 
 
-def pair_log_probs(model: DiffusionModel, unet, batch: Pairs, cond: TextConditioning, negative: TextConditioning,
-                   cfg: SPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x_w | x_t) and log p(x_l | x_t) under `unet`, from ONE UNet pass at x_t (CFG batched)."""
+def step_means(model: DiffusionModel, unet, batch: PoolItems, cond: TextConditioning, negative: TextConditioning,
+               cfg: SPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """μ(x_t) of DDIM eq. 12 (fp32, [N, C, H, W]) and σ_t [N] under `unet`, from ONE UNet pass at x_t (CFG batched)."""
     device = model.device
     x_t = batch.x_t.to(device, model.dtype)
     a_t = diffusion.alpha_bar_tensor(model.scheduler, batch.t)
     a_prev = diffusion.alpha_bar_tensor(model.scheduler, batch.t_prev)
     sigma = diffusion.ddim_sigma_tensor(a_t, a_prev, cfg.eta)
     eps = diffusion.cfg_unet(unet, x_t, batch.t.to(device), cond, negative, cfg.cfg_scale).float()
-    shape = (-1, 1, 1, 1)
-    a_t_ = a_t.view(shape).to(device, torch.float32)
-    x0_hat = (x_t.float() - (1 - a_t_).sqrt() * eps) / a_t_.sqrt()
-    mean = diffusion.ddim_mean_tensor(x0_hat, eps, a_prev, sigma)
-    lp_w = diffusion.transition_log_prob_tensor(batch.x_w.to(device), mean, sigma)
-    lp_l = diffusion.transition_log_prob_tensor(batch.x_l.to(device), mean, sigma)
-    return lp_w, lp_l
+    a_t_ = a_t.view(-1, 1, 1, 1).to(device, torch.float32)
+    x0_hat = (batch.x_t.to(device).float() - (1 - a_t_).sqrt() * eps) / a_t_.sqrt()
+    return diffusion.ddim_mean_tensor(x0_hat, eps, a_prev, sigma), sigma
+
+
+def candidate_log_probs(candidates: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """[N, m, C, H, W] candidates → [N, m] log p(x_{t−1} | x_t), mean over elements (DDIM eq. 12, 16)."""
+    x = candidates.to(mean.device)
+    return torch.stack([diffusion.transition_log_prob_tensor(x[:, i], mean, sigma) for i in range(x.shape[1])], 1)
+
+
+def pair_log_probs(model: DiffusionModel, unet, batch: Pairs, cond: TextConditioning, negative: TextConditioning,
+                   cfg: SPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x_w | x_t) and log p(x_l | x_t) under `unet`, from ONE UNet pass at x_t (CFG batched)."""
+    mean, sigma = step_means(model, unet, batch, cond, negative, cfg)
+    lp = candidate_log_probs(batch.targets()[0], mean, sigma)
+    return lp[:, 0], lp[:, 1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +309,7 @@ class SPOMethod(Method):
     """SPO in the shared loop: a round = on-policy rollouts of `prompts_per_round` prompts per process."""
 
     name = "spo"
-    items = Pairs
+    items = Pairs  # Groups with pair_mode: group (set per instance)
 
     def __init__(self, cfg: SPOConfig, model: DiffusionModel, accelerator):
         from ..rewards import step_scorer
@@ -308,6 +320,9 @@ class SPOMethod(Method):
         self.prompts = sources.prompts(cfg.prompts)
         self.world = accelerator.num_processes
         self.per_round = cfg.prompts_per_round * self.world
+        self.items = Groups if cfg.pair_mode == "group" else Pairs
+        self.g_bar = (balance_reference(model.scheduler, cfg.num_steps, cfg.divert_start_step, cfg.eta)
+                      if cfg.timestep_balance else None)
 
     def rounds_per_epoch(self) -> int:
         return -(-len(self.prompts) // self.per_round)
@@ -327,14 +342,26 @@ class SPOMethod(Method):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_index * self.world + rank)
         return rollout(self.model, policy_unet, self.scorer, mine, cfg, gen)
 
-    def loss(self, unet, raw_unet, batch: Pairs, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss(self, unet, raw_unet, batch: PoolItems, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        cfg, model = self.cfg, self.model
         cond = self.encode(batch.prompts)
-        negative = self.model.encode_negative(len(batch))
+        negative = model.encode_negative(len(batch))
+        candidates, adv = batch.targets()
+        scale = None
+        if self.g_bar is not None:  # per-timestep balance: ḡ / g_t
+            scale = self.g_bar / gradient_scale(model.scheduler, batch.t, batch.t_prev, cfg.eta)
         with self.accelerator.autocast():
-            lp_w, lp_l = pair_log_probs(self.model, unet, batch, cond, negative, self.cfg)
-            ref_w, ref_l = reference_pass(raw_unet, lambda: pair_log_probs(self.model, raw_unet, batch, cond,
-                                                                          negative, self.cfg))
-        return spo_loss(lp_w, lp_l, ref_w, ref_l, self.cfg.beta, self.cfg.clip_range, weight)
+            mean, sigma = step_means(model, unet, batch, cond, negative, cfg)
+            ref_mean, _ = reference_pass(raw_unet, lambda: step_means(model, raw_unet, batch, cond, negative, cfg))
+            logp = candidate_log_probs(candidates, mean, sigma)
+            ref_logp = candidate_log_probs(candidates, ref_mean, sigma)
+            loss, stats = advantage_loss(logp, ref_logp, adv.to(logp), cfg.beta, cfg.clip_range, weight, scale)
+            if cfg.kl_coef > 0:  # the trust region at every t
+                kl = transition_kl(mean, ref_mean, sigma)
+                kl_mean = (kl * weight).sum() / weight.sum().clamp(min=1)
+                loss = loss + cfg.kl_coef * kl_mean
+                stats["kl"] = kl_mean.item()
+        return loss, stats
 
 
 def train_spo(cfg: SPOConfig, run_stop=None) -> dict:
