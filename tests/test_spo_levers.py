@@ -137,3 +137,12 @@ def test_fp32_candidates_keep_bf16_rounding_out_of_the_targets(tiny_dirs, tiny_s
         assert len(pairs) > 0
         found[fp32] = torch.equal(pairs.x_w, pairs.x_w.bfloat16().float())
     assert found == {False: True, True: False}
+
+
+def test_the_studio_form_offers_the_levers():
+    from spo_studio.webui.form import field_specs
+
+    specs = {s.name: s for s in field_specs(SPOConfig)}
+    assert specs["pair_mode"].kind == "choice" and specs["pair_mode"].choices == ["best-worst", "group"]
+    assert specs["timestep_balance"].kind == "bool" and specs["kl_coef"].kind == "float"
+    assert specs["fp32_candidates"].kind == "bool" and specs["reward_mode"].choices == ["x0", "complete"]
