@@ -36,6 +36,7 @@ SETTINGS = {
     "kl": ["kl_coef=10"],
     "accum": ["grad_accum=4"],
     "lr": ["lr=3e-4"],
+    "kl+accum": ["kl_coef=10", "grad_accum=4"],  # the two leads of the first screen, combined (confirmation)
 }
 JUDGES = ("aesthetic", "alignment")
 
