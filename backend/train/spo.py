@@ -190,6 +190,11 @@ class Pairs(PoolItems):
         return torch.stack([self.x_w, self.x_l], 1), torch.tensor([1.0, -1.0]).expand(len(self), 2)
 
 
+def items_class(cfg: SPOConfig) -> type[PoolItems]:
+    """What a round's kept pools become: `Pairs` (the paper's best-worst pair) or `Groups` (all k, with advantages)."""
+    return Groups if cfg.pair_mode == "group" else Pairs
+
+
 @torch.no_grad()
 def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg: SPOConfig,
             generator: torch.Generator) -> tuple[Pairs, dict]:
@@ -204,7 +209,8 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
     x = diffusion.initial_latents(model, b, generator=generator)
     if cfg.fp32_candidates:  # the UNet gets its dtype at its input (diffusion.predict); all else stays fp32
         x = x.float()
-    group = cfg.pair_mode == "group"
+    items = items_class(cfg)
+    group = items is Groups
 
     pred = None
     kept: list[Pairs] = []
@@ -259,7 +265,6 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
             pred = diffusion.StepPrediction(x_t=x, eps=nxt.eps[sel], x0_hat=nxt.x0_hat[sel], t=nxt.t,
                                             t_prev=nxt.t_prev, alpha_t=nxt.alpha_t, alpha_prev=nxt.alpha_prev)
     all_scores = torch.cat(scores_seen) if scores_seen else torch.zeros(0)
-    items = Groups if group else Pairs
     pairs = items.cat(kept) if kept else items.empty()
     stats = {"pairs": len(pairs), "pair_yield": len(pairs) / max(1, pairs_possible),
              "score_mean": all_scores.mean().item() if all_scores.numel() else float("nan"),
@@ -320,7 +325,7 @@ class SPOMethod(Method):
         self.prompts = sources.prompts(cfg.prompts)
         self.world = accelerator.num_processes
         self.per_round = cfg.prompts_per_round * self.world
-        self.items = Groups if cfg.pair_mode == "group" else Pairs
+        self.items = items_class(cfg)
         self.g_bar = (balance_reference(model.scheduler, cfg.num_steps, cfg.divert_start_step, cfg.eta)
                       if cfg.timestep_balance else None)
 
