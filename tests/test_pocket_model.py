@@ -93,3 +93,52 @@ def test_gradient_l1_by_hand_and_a_vae_of_other_latent_size():
     with torch.no_grad():
         z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert z.shape == (1, 8, 32, 32)
+
+
+def test_block_orders_put_cross_attention_where_sd15_has_it():
+    """'sd15' order: attention at the 16×16 level and in the mid block, none at the lowest level's blocks."""
+    from spo_studio.backend.pocket.base_model import PocketModelConfig, block_order_of, make_unet
+
+    cfg = PocketModelConfig(unet_channels=(32, 64), text_hidden=32, block_order="sd15")
+    unet = make_unet(cfg, 16)
+    assert block_order_of(unet) == "sd15"
+    attn_at = {name.split(".attentions")[0] for name, _ in unet.named_modules() if name.endswith("attn2")}
+    assert attn_at == {"down_blocks.0", "mid_block", "up_blocks.1"}
+    assert block_order_of(make_unet(PocketModelConfig(unet_channels=(32, 64), text_hidden=32), 16)) == "pocket"
+    with pytest.raises(ValueError, match="block_order must be one of pocket, sd15; got 'sdxl'"):
+        make_unet(PocketModelConfig(block_order="sdxl"), 16)
+
+
+def test_transplant_keeps_every_shared_weight_and_starts_new_attention_as_the_identity():
+    import torch
+    from spo_studio.backend.pocket.base_model import PocketModelConfig, block_order_of, make_unet, transplant_unet
+
+    torch.manual_seed(0)
+    small = dict(unet_channels=(32, 64), text_hidden=32)
+    old = make_unet(PocketModelConfig(**small), 16).eval()
+    new, counts = transplant_unet(old, PocketModelConfig(**small, block_order="sd15"))
+    assert block_order_of(new) == "sd15"
+    old_state, new_state = old.state_dict(), new.state_dict()
+    shared = [k for k in new_state if ".attentions." not in k or k.startswith("mid_block")]
+    assert counts["copied"] == len(shared) and counts["new"] == len(new_state) - len(shared)
+    for k in shared:
+        assert torch.equal(new_state[k], old_state[k]), k
+
+    seen = []
+
+    def identity_check(module, inputs, output):
+        seen.append(torch.equal(output[0], inputs[0]))
+
+    hooks = [new.get_submodule(f"{block}.attentions.0").register_forward_hook(identity_check)
+             for block in ("down_blocks.0", "up_blocks.1")]
+    x, t, h = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        new(x, t, encoder_hidden_states=h)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [True, True]  # each new transformer adds a zero residual
+
+    same, counts = transplant_unet(old, PocketModelConfig(**small))  # same order: an exact copy
+    assert counts == {"copied": len(old_state), "new": 0, "dropped": 0}
+    with torch.no_grad():
+        assert torch.equal(same(x, t, encoder_hidden_states=h).sample, old(x, t, encoder_hidden_states=h).sample)

@@ -54,6 +54,10 @@ class PocketModelConfig:
     # UNet + text encoder
     unet_channels: tuple[int, ...] = (64, 128)
     unet_layers_per_block: int = 1
+    # where the UNet's cross-attention sits: "pocket" at the 8×8 level (the first pocket model), "sd15" at the
+    # 16×16 level and none at the lowest, as SD1.5 has it (attention at its three highest resolutions, none at
+    # the 8×8 one); the mid block has attention in both
+    block_order: str = "pocket"
     text_hidden: int = 64
     text_layers: int = 2
     max_tokens: int = 16
@@ -94,16 +98,63 @@ def make_vae(cfg: PocketModelConfig):
     )
 
 
+# block_order → (down_block_types, up_block_types) of the two-level pocket UNet
+BLOCK_ORDERS = {
+    "pocket": (("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")),
+    "sd15": (("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D")),
+}
+
+
+def block_types(block_order: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if block_order not in BLOCK_ORDERS:
+        raise ValueError(f"block_order must be one of {', '.join(BLOCK_ORDERS)}; got {block_order!r}")
+    return BLOCK_ORDERS[block_order]
+
+
+def block_order_of(unet) -> str:
+    """The block order of a pocket UNet, read from its config (a clear error for any other layout)."""
+    found = (tuple(unet.config.down_block_types), tuple(unet.config.up_block_types))
+    for name, types in BLOCK_ORDERS.items():
+        if types == found:
+            return name
+    raise ValueError(f"not a pocket UNet block layout: down {found[0]}, up {found[1]}")
+
+
 def make_unet(cfg: PocketModelConfig, latent_size: int):
     from diffusers import UNet2DConditionModel
 
+    down, up = block_types(cfg.block_order)
     return UNet2DConditionModel(
         sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=cfg.unet_layers_per_block,
-        block_out_channels=cfg.unet_channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=cfg.unet_channels, down_block_types=down, up_block_types=up,
         cross_attention_dim=cfg.text_hidden, attention_head_dim=8, norm_num_groups=32,
     )
+
+
+def transplant_unet(old, cfg: PocketModelConfig):
+    """A UNet of `cfg.block_order` that starts as `old` where the two share a layout.
+
+    Every tensor whose name and shape match is copied (conv_in/out, time embedding, every ResNet, the samplers,
+    the mid block with its attention: the two orders differ only in which level's blocks carry cross-attention).
+    Attention that only the new order has is initialised with a zero output projection, so each new transformer
+    is the identity at the start (its residual adds 0); attention only the old order had is dropped. Returns
+    (new UNet, {"copied", "new", "dropped"} tensor counts).
+    """
+    new = make_unet(cfg, old.config.sample_size)
+    old_state, new_state = old.state_dict(), new.state_dict()
+    copied = {k: v for k, v in old_state.items() if k in new_state and new_state[k].shape == v.shape}
+    fresh = [k for k in new_state if k not in copied]
+    missing = [k for k in fresh if ".attentions." not in k]
+    if missing:
+        raise ValueError(f"cannot transplant the UNet: {len(missing)} non-attention tensors differ, e.g. {missing[0]}")
+    new.load_state_dict({**new_state, **copied})
+    with torch.no_grad():
+        for name, module in new.named_modules():
+            if name.endswith("proj_out") and f"{name}.weight" in fresh:
+                module.weight.zero_()
+                module.bias.zero_()
+    dropped = [k for k in old_state if k not in copied]
+    return new, {"copied": len(copied), "new": len(fresh), "dropped": len(dropped)}
 
 
 def make_text_encoder(cfg: PocketModelConfig, tokenizer):
@@ -343,7 +394,11 @@ def build_base_model(
 
 
 def refine_base_model(cfg: PocketModelConfig, images: torch.Tensor, prompts: list[str], model_dir: Path) -> dict:
-    """The refine phase: continue UNet + text encoder of the folder `model_dir` and write it back."""
+    """The refine phase: continue UNet + text encoder of the folder `model_dir` and write it back.
+
+    When the folder's UNet has another block order than `cfg.block_order`, it is first transplanted into that
+    order (`transplant_unet`): the refine phase then teaches the moved attention, warm-started from the rest.
+    """
     import json
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -353,15 +408,19 @@ def refine_base_model(cfg: PocketModelConfig, images: torch.Tensor, prompts: lis
     t0 = time.time()
     vae = AutoencoderKL.from_pretrained(model_dir / "vae").eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
-    init = (
-        UNet2DConditionModel.from_pretrained(model_dir / "unet"),
-        CLIPTextModel.from_pretrained(model_dir / "text_encoder"),
-    )
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    transplant = None
+    if (order := block_order_of(unet)) != cfg.block_order:
+        unet, transplant = transplant_unet(unet, cfg)
+        logger.info("UNet block order %s → %s: %s", order, cfg.block_order, transplant)
+    init = (unet, CLIPTextModel.from_pretrained(model_dir / "text_encoder"))
     latents = encode_dataset(vae, images) * vae.config.scaling_factor
     unet, text_encoder = train_unet(cfg, latents, prompts, tokenizer, init=init)
     stats = json.loads((model_dir / "pocket_build.json").read_text())
     stats["config"] = asdict(cfg)
     stats["seconds_refine"] = round(time.time() - t0, 1)
     stats["seconds_total"] = round(stats.get("seconds_total", 0) + stats["seconds_refine"], 1)
+    if transplant:
+        stats["transplant"] = transplant
     _save_pipeline(vae, text_encoder, tokenizer, unet, model_dir, stats)
-    return {"seconds_refine": stats["seconds_refine"], "steps": cfg.refine_steps}
+    return {"seconds_refine": stats["seconds_refine"], "steps": cfg.refine_steps, "transplant": transplant}

@@ -54,8 +54,7 @@ def pocket_tokenizer(max_tokens: int):
     return build_word_tokenizer(world.VOCABULARY, model_max_length=max_tokens)
 
 
-def _log_stage(name: str, seconds: float, info: dict) -> None:
-    path = POCKET_ROOT / "build_log.json"
+def _log_stage(name: str, seconds: float, info: dict, path: Path) -> None:
     log = json.loads(path.read_text()) if path.exists() else {}
     log[name] = {"seconds": round(seconds, 1), "threads": torch.get_num_threads(), **info}
     atomic_write_text(path, json.dumps(log, indent=2, default=str))
@@ -184,7 +183,8 @@ def build(stages: tuple[str, ...] = STAGES, cfg: PocketModelConfig | None = None
             from .report import stage_report
 
             info = stage_report()
-        _log_stage(name, time.time() - start, info)
+        # the log sits beside the model folder (backend/pocket/build_log.json for the shipped one)
+        _log_stage(name, time.time() - start, info, Path(out_dir).parent / "build_log.json")
         results[name] = info
         logger.info("stage %s done in %.0f s", name, time.time() - start)
     return results

@@ -16,6 +16,11 @@ def args_pocket(p: argparse.ArgumentParser) -> None:
     b.add_argument("--out", default=None, help="base model folder (default: backend/pocket/model)")
     b.add_argument("--unet-steps", type=int, default=None, help="override the UNet training steps (default 2800)")
     b.add_argument("--vae-steps", type=int, default=None, help="override the VAE training steps (default 1500)")
+    b.add_argument("--refine-steps", type=int, default=None, help="override the refine steps (default 3000)")
+    b.add_argument("--block-order", choices=("pocket", "sd15"), default=None,
+                   help="where the UNet's cross-attention sits: 'pocket' (8×8 level, default) or 'sd15' (16×16 "
+                        "level, none at the lowest, as SD1.5). `--stage refine` on a folder of the other order "
+                        "transplants its UNet first (new attention starts as the identity)")
     s = sub.add_parser("sample", help="sample an image from the pocket model")
     s.add_argument("prompt", help='e.g. "a red circle on a blue background"')
     s.add_argument("--out", default="pocket.png", help="output PNG")
@@ -38,6 +43,10 @@ def cmd_pocket(args) -> int:
             cfg.unet_steps = args.unet_steps
         if args.vae_steps is not None:
             cfg.vae_steps = args.vae_steps
+        if args.refine_steps is not None:
+            cfg.refine_steps = args.refine_steps
+        if args.block_order is not None:
+            cfg.block_order = args.block_order
         results = build(tuple(args.stage or STAGES), cfg, Path(args.out) if args.out else DEFAULT_OUT)
         print(json.dumps(results, indent=2, default=str))
         return 0
