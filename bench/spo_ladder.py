@@ -111,7 +111,8 @@ def main(argv=None) -> int:
         lora.load_lora(model, run_dir / "lora" / "spo_lora_diffusers.safetensors")
         after = metrics(sample_images(model, ps, seeds, settings), ps)
         report = {"rung": args.rung, "seed": args.seed, "tag": args.tag, "steps": result["step"], "pairs": pairs,
-                  "train_seconds": round(trained_s, 1), "base_model": cfg.base_model, "config": {k: str(v) for k, v in values.items()},
+                  "train_seconds": round(trained_s, 1), "base_model": cfg.base_model,
+                  "config": {k: str(v) for k, v in values.items()},
                   "overrides": args.overrides, **{k: paired(after[k], before[k]) for k in before}}
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "ladder.jsonl", "a") as f:

@@ -109,14 +109,23 @@ def test_delete_says_what_it_could_not_remove(store, tmp_path):
     pinned = Path(job.run_dir) / "checkpoints" / "pinned.bin"
     pinned.parent.mkdir()
     pinned.write_bytes(b"x")
-    if not _make_undeletable(pinned):
-        pytest.skip("no way to make a file undeletable here")
+    refusal = pytest.MonkeyPatch()  # its own patcher: undoing it leaves the store's environment alone
+    if not _make_undeletable(pinned):  # no real way here (root without chattr): the removal itself fails
+        real_unlink = os.unlink
+
+        def refuse_pinned(path, *args, **kwargs):
+            if str(path).endswith("pinned.bin"):
+                raise PermissionError(1, "Operation not permitted", str(path))
+            return real_unlink(path, *args, **kwargs)
+
+        refusal.setattr(os, "unlink", refuse_pinned)
     try:
         with pytest.raises(JobError, match=r"could not remove \d+ item\(s\) of its run folder \(first: .*pinned.bin"):
             store.delete(job.id)
         assert store.get(job.id).status == "stopped"  # kept: it can be deleted again
     finally:
         _make_deletable(pinned)
+        refusal.undo()
     assert store.delete(job.id) is None  # everything went
     assert not Path(job.run_dir).exists()
     with pytest.raises(JobError, match=f"no job {job.id}"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from ..backend.sources import POCKET, POCKET_LATENT
 from .safety import bound_upload_folder, discard_upload, public_message
 
 DEFAULT_PROMPT = "a yellow circle on a green background"
@@ -17,10 +18,10 @@ ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
 
 def _model_inputs(prefix: str):
     with gr.Row():
-        model = gr.Dropdown(choices=["pocket"], value="pocket", allow_custom_value=True, label="Base model",
+        model = gr.Dropdown(choices=[POCKET], value=POCKET, allow_custom_value=True, label="Base model",
                             info="'pocket', or a local SD1.5 / SDXL diffusers folder or .safetensors file",
                             elem_id=f"{prefix}-model")
-        spm = gr.Dropdown(choices=["pocket", "pocket-latent"], value="pocket", allow_custom_value=True, label="SPM",
+        spm = gr.Dropdown(choices=[POCKET, POCKET_LATENT], value=POCKET, allow_custom_value=True, label="SPM",
                           info="step-aware preference model: 'pocket', 'pocket-latent' (the latent SPM), an SPM "
                                "or latent SPM folder, or an official SPO .bin", elem_id=f"{prefix}-spm")
     return model, spm
@@ -166,7 +167,7 @@ def lora_tab(studio) -> dict:
                           elem_id="lora-family")
         convert_btn = gr.Button("Convert", elem_id="lora-convert-btn")
     with gr.Row():
-        base = gr.Dropdown(choices=["pocket"], value="pocket", allow_custom_value=True, label="Merge into base model",
+        base = gr.Dropdown(choices=[POCKET], value=POCKET, allow_custom_value=True, label="Merge into base model",
                            info="'pocket' or a local SD1.5 / SDXL folder or .safetensors", elem_id="lora-base")
         merge_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", elem_id="lora-merge-scale")
         merge_btn = gr.Button("Merge", elem_id="lora-merge-btn")
@@ -230,7 +231,7 @@ def lora_tab(studio) -> dict:
         out = _out_path(studio, f"{Path(str(base)).stem}_plus_{src.stem}")
         try:
             weights = lora_io.read_lora(src)
-            model = load_model(base or "pocket", device="cpu", dtype="fp32")
+            model = load_model(base or POCKET, device="cpu", dtype="fp32")
             lora_io.merge_lora(model, weights, scale=float(scale))
             save_single_file(model.unet, model.vae, model.text_encoders, model.family, out, dtype=torch.float16,
                              metadata={"spo.merged_lora": src.name, "spo.merge_scale": str(scale),

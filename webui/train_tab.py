@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..backend.jobs import JobError, check_pickapic, read_prompt_list
+from ..backend.sources import POCKET, POCKET_LATENT
 from . import form
 from .safety import bound_upload_folder, discard_upload, plain_markdown, public_message
 
@@ -30,7 +31,7 @@ def _widget(spec: form.FieldSpec, value, method: str):
     if spec.kind == "choice":
         return gr.Dropdown(choices=spec.choices, value=value, label=label, info=info, elem_id=elem_id)
     if spec.kind == "source":
-        named = ["pocket", "pocket-latent"] if spec.name == "spm" else ["pocket"]
+        named = [POCKET, POCKET_LATENT] if spec.name == "spm" else [POCKET]
         choices = named + ([value] if value and value not in named else [])
         return gr.Dropdown(choices=choices, value=value, allow_custom_value=True, label=label,
                            info=info + " — type a local path for your own", elem_id=elem_id)
