@@ -21,11 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None) -> int:
-    from spo_ladder import metrics, paired
-    from spo_studio.backend.config import load_config
-    from spo_studio.backend.evaluation import EvalSettings, load_eval_prompts, sample_images
-    from spo_studio.backend.models import load_model
-    from spo_studio.backend.train.spo import SPOConfig
+    from spo_ladder import eval_grid, judge_samples, paired
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a pocket model folder (or 'pocket')")
@@ -34,14 +30,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)
-    cfg = load_config(SPOConfig, Path(__file__).resolve().parents[1] / "configs" / "pocket_spo.yaml", [])
-    settings = EvalSettings(num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale, eta=0.0, batch=32)
-    prompts = load_eval_prompts("pocket-held-out")
-    grid = [(p, 10_000 + s) for p in prompts for s in range(args.eval_seeds)]
-    ps, seeds = [p for p, _ in grid], [s for _, s in grid]
-    judged = {}
-    for name in (args.model, args.against):
-        judged[name] = metrics(sample_images(load_model(name, device="cpu", dtype="fp32"), ps, seeds, settings), ps)
+    ps, seeds = eval_grid(args.eval_seeds)
+    judged = {name: judge_samples(name, ps, seeds) for name in (args.model, args.against)}
     print(f"{args.model} − {args.against} on {len(ps)} held-out samples (same noise):")
     for key, values in judged[args.model].items():
         r = paired(values, judged[args.against][key])

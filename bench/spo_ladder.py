@@ -55,11 +55,30 @@ def metrics(images: torch.Tensor, prompts: list[str]) -> dict[str, np.ndarray]:
     return {**out, "brightness": images.float().mean(dim=(1, 2, 3)).numpy()}
 
 
-def main(argv=None) -> int:
+def eval_grid(eval_seeds: int) -> tuple[list[str], list[int]]:
+    """The held-out evaluation grid: the 22 held-out prompts × `eval_seeds` seeds (10000, 10001, …)."""
+    from spo_studio.backend.evaluation import load_eval_prompts
+
+    grid = [(p, 10_000 + s) for p in load_eval_prompts("pocket-held-out") for s in range(eval_seeds)]
+    return [p for p, _ in grid], [s for _, s in grid]
+
+
+def judge_samples(base_model: str, prompts: list[str], seeds: list[int], lora_path: Path | None = None,
+                  num_steps: int = 20, cfg_scale: float = 5.0) -> dict[str, np.ndarray]:
+    """Sample the grid from `base_model` (with a LoRA if given; DDIM η = 0, fp32) and judge every image."""
     from spo_studio.backend import lora
-    from spo_studio.backend.config import load_config
-    from spo_studio.backend.evaluation import EvalSettings, load_eval_prompts, sample_images
+    from spo_studio.backend.evaluation import EvalSettings, sample_images
     from spo_studio.backend.models import load_model
+
+    model = load_model(base_model, device="cpu", dtype="fp32")
+    if lora_path is not None:
+        lora.load_lora(model, lora_path)
+    settings = EvalSettings(num_steps=num_steps, cfg_scale=cfg_scale, eta=0.0, batch=32)
+    return metrics(sample_images(model, prompts, seeds, settings), prompts)
+
+
+def main(argv=None) -> int:
+    from spo_studio.backend.config import load_config
     from spo_studio.backend.train.spo import SPOConfig, train_spo
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -86,9 +105,7 @@ def main(argv=None) -> int:
     values = {**RUNGS[args.rung], "output_dir": str(run_dir), "seed": args.seed, "epochs": 1000}
     preset = Path(__file__).resolve().parents[1] / "configs" / "pocket_spo.yaml"
 
-    prompts = load_eval_prompts("pocket-held-out")
-    grid = [(p, 10_000 + s) for p in prompts for s in range(args.eval_seeds)]
-    ps, seeds = [p for p, _ in grid], [s for _, s in grid]
+    ps, seeds = eval_grid(args.eval_seeds)
     before = None
     trained_s, spent_min = 0.0, 0.0
     for budget in budgets:
@@ -104,12 +121,10 @@ def main(argv=None) -> int:
         rounds = {(r.get("epoch"), r.get("round")): r.get("pairs_in_round", 0) for r in rows}
         pairs = int(sum(rounds.values()))  # pairs the rollouts kept
 
-        settings = EvalSettings(num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale, eta=0.0, batch=32)
-        model = load_model(cfg.base_model, device="cpu", dtype="fp32")  # the model the run trained on
-        if before is None:
-            before = metrics(sample_images(model, ps, seeds, settings), ps)
-        lora.load_lora(model, run_dir / "lora" / "spo_lora_diffusers.safetensors")
-        after = metrics(sample_images(model, ps, seeds, settings), ps)
+        steps = {"num_steps": cfg.num_steps, "cfg_scale": cfg.cfg_scale}
+        if before is None:  # the model the run trained on
+            before = judge_samples(cfg.base_model, ps, seeds, **steps)
+        after = judge_samples(cfg.base_model, ps, seeds, run_dir / "lora" / "spo_lora_diffusers.safetensors", **steps)
         report = {"rung": args.rung, "seed": args.seed, "tag": args.tag, "steps": result["step"], "pairs": pairs,
                   "train_seconds": round(trained_s, 1), "base_model": cfg.base_model,
                   "config": {k: str(v) for k, v in values.items()},

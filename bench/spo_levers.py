@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spo_ladder import RUNGS, metrics, paired  # noqa: E402
+from spo_ladder import RUNGS, eval_grid, judge_samples, paired  # noqa: E402
 
 SETTINGS = {
     "paper": [],
@@ -70,10 +70,7 @@ def summary(results: dict[tuple, dict], base: dict, rung: str, minutes: float, s
 
 
 def main(argv=None) -> int:
-    from spo_studio.backend import lora
     from spo_studio.backend.config import load_config
-    from spo_studio.backend.evaluation import EvalSettings, load_eval_prompts, sample_images
-    from spo_studio.backend.models import load_model
     from spo_studio.backend.train.spo import SPOConfig, train_spo
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -93,13 +90,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "levers.jsonl"
-    prompts = load_eval_prompts("pocket-held-out")
-    ps = [p for p in prompts for _ in range(args.eval_seeds)]
-    seeds = [10_000 + s for _ in prompts for s in range(args.eval_seeds)]
+    ps, seeds = eval_grid(args.eval_seeds)
     preset = Path(__file__).resolve().parents[1] / "configs" / "pocket_spo.yaml"
-    model = load_model("pocket", device="cpu", dtype="fp32")
-    eval_settings = EvalSettings(num_steps=20, cfg_scale=5.0, eta=0.0, batch=32)
-    base = {k: v.tolist() for k, v in metrics(sample_images(model, ps, seeds, eval_settings), ps).items()}
+    base = {k: v.tolist() for k, v in judge_samples("pocket", ps, seeds).items()}
 
     for name in settings:
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -114,9 +107,7 @@ def main(argv=None) -> int:
                 start = time.time()
                 result = train_spo(cfg)
                 seconds = time.time() - start
-                trained = load_model("pocket", device="cpu", dtype="fp32")
-                lora.load_lora(trained, run_dir / "lora" / "spo_lora_diffusers.safetensors")
-                after = metrics(sample_images(trained, ps, seeds, eval_settings), ps)
+                after = judge_samples("pocket", ps, seeds, run_dir / "lora" / "spo_lora_diffusers.safetensors")
                 row = {"setting": name, "seed": seed, "side": side, "rung": args.rung, "minutes": args.minutes,
                        "steps": result["step"], "train_seconds": round(seconds, 1),
                        **{j: after[j].tolist() for j in JUDGES}}
