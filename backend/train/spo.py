@@ -48,6 +48,7 @@ from .spo_levers import (
     balance_reference,
     gradient_scale,
     group_advantages,
+    masked_mean,
     transition_kl,
 )
 
@@ -363,7 +364,7 @@ class SPOMethod(Method):
             loss, stats = advantage_loss(logp, ref_logp, adv.to(logp), cfg.beta, cfg.clip_range, weight, scale)
             if cfg.kl_coef > 0:  # the trust region at every t
                 kl = transition_kl(mean, ref_mean, sigma)
-                kl_mean = (kl * weight).sum() / weight.sum().clamp(min=1)
+                kl_mean = masked_mean(kl, weight)
                 loss = loss + cfg.kl_coef * kl_mean
                 stats["kl"] = kl_mean.item()
         return loss, stats

@@ -100,6 +100,13 @@ def group_advantages(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(std > 0, centred / std.clamp(min=1e-12), torch.zeros_like(centred))
 
 
+def masked_mean(values: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ w·v / max(1, Σ w) over [N]: the mean over the real (w = 1) items, padding (w = 0) left out."""
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum().clamp(min=1)
+
+
 def advantage_loss(logp: torch.Tensor, ref_logp: torch.Tensor, adv: torch.Tensor, beta: float, clip_range: float,
                    weight: torch.Tensor | None = None, scale: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, dict]:
@@ -115,15 +122,13 @@ def advantage_loss(logp: torch.Tensor, ref_logp: torch.Tensor, adv: torch.Tensor
     per_pool = -F.logsigmoid(beta * (adv * log_r).sum(dim=1))
     if weight is None:
         weight = torch.ones_like(per_pool)
-    total = weight.sum().clamp(min=1)
-    scaled = per_pool if scale is None else per_pool * scale.to(per_pool)
-    loss = (scaled * weight).sum() / total
+    loss = masked_mean(per_pool if scale is None else per_pool * scale.to(per_pool), weight)
     outside = (raw != log_r).any(dim=1).detach().float()
     ratio = log_r.detach().exp()
     up, down = (adv > 0).float(), (adv < 0).float()
     stats = {"ratio_w": ((ratio * up).sum(1) / up.sum(1).clamp(min=1)).mean().item(),
              "ratio_l": ((ratio * down).sum(1) / down.sum(1).clamp(min=1)).mean().item(),
-             "clamped": ((outside * weight.detach()).sum() / total).item()}
+             "clamped": masked_mean(outside, weight.detach()).item()}
     return loss, stats
 
 
