@@ -422,5 +422,6 @@ def refine_base_model(cfg: PocketModelConfig, images: torch.Tensor, prompts: lis
     stats["seconds_total"] = round(stats.get("seconds_total", 0) + stats["seconds_refine"], 1)
     if transplant:
         stats["transplant"] = transplant
+        stats["parameters"] = _parameters(unet=unet, vae=vae, text_encoder=text_encoder)
     _save_pipeline(vae, text_encoder, tokenizer, unet, model_dir, stats)
     return {"seconds_refine": stats["seconds_refine"], "steps": cfg.refine_steps, "transplant": transplant}
