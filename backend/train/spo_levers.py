@@ -100,10 +100,8 @@ def group_advantages(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(std > 0, centred / std.clamp(min=1e-12), torch.zeros_like(centred))
 
 
-def masked_mean(values: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Σ w·v / max(1, Σ w) over [N]: the mean over the real (w = 1) items, padding (w = 0) left out."""
-    if weight is None:
-        return values.mean()
     return (values * weight).sum() / weight.sum().clamp(min=1)
 
 
