@@ -60,8 +60,9 @@ def main() -> None:
                         help="the SPM Loader's decode setting: full VAE decode, "
                              "or the latent shrunk to the SPM's size")
     parser.add_argument("--spm", choices=["pocket", "pocket-latent"], default="pocket",
-                        help="the pixel pocket SPM, or the latent one (scores the sampler's latents, no decode; "
-                             "the x̂0 strip is still decoded for display)")
+                        help="the pixel pocket SPM, or the latent one (scores the sampler's latents and decodes "
+                             "nothing while sampling; the x̂0 strip is a Latent2RGB preview fitted to one decode "
+                             "of the final x̂0)")
     parser.add_argument("--prompt", default="a red circle on a blue background")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -120,8 +121,8 @@ def main() -> None:
     parts = {
         "unet_cfg_ms": per_call(lambda: patcher.model.cfg_denoise(x, sigma, positive, negative, 5.0)) * 1e3,
         "vae_decode_ms": per_call(lambda: judge.decode(x)) * 1e3,
-        "spm_ms": (per_call(lambda: judge.score_noisy(x, 3.0)) * 1e3 + per_call(lambda: judge.decode(x)) * 1e3
-                   if judge.reads_noisy_latents else per_call(lambda: judge.score_images(judge.decode(x), 500)) * 1e3),
+        "spm_ms": (per_call(lambda: judge.score_noisy(x, 3.0)) * 1e3 if judge.reads_noisy_latents
+                   else per_call(lambda: judge.score_images(judge.decode(x), 500)) * 1e3),
         "plot_and_strip_ms": per_call(lambda: (render.to_image_tensor(render.score_plot_picture(
                                                    list(range(args.steps)), [[0.1]] * args.steps)),
                                                render.x0_strip(torch.rand(args.steps, 1, 3, 64, 64),
@@ -139,7 +140,7 @@ def main() -> None:
     result = {
         "model": "pocket", "spm": spm_name, "device": "cpu", "threads": args.threads, "steps": args.steps,
         "overlap": overlap, "chunk": chunk if overlap else 1, "repeats": args.repeats,
-        "decode": "none (latent SPM; strip decoded)" if judge.reads_noisy_latents else args.decode,
+        "decode": "none (latent SPM; Latent2RGB strip)" if judge.reads_noisy_latents else args.decode,
         "plain_s": statistics.median(t_plain), "scorer_s": statistics.median(t_scorer),
         "plain_all_s": [round(t, 4) for t in t_plain], "scorer_all_s": [round(t, 4) for t in t_scorer],
         **{k: round(v, 2) for k, v in parts.items()},

@@ -72,10 +72,10 @@ class LatentJudge:
         return int(ms.timestep(sigma.to(ms.sigmas.device if hasattr(ms, "sigmas") else "cpu")).item())
 
     @torch.no_grad()
-    def decode(self, x0: torch.Tensor, preview: int = 0) -> torch.Tensor:
-        """Scaled x̂0 latents [B, C, H, W] → images [B, 3, H, W] in [0, 1] (float32, CPU). `preview` > 0: a
-        preview decode of the latent shrunk to about that many pixels (for pictures, not for scoring)."""
-        size = preview or (self.scorer.spm.image_size if getattr(self.scorer, "latent_decode", False) else 0)
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Scaled x̂0 latents [B, C, H, W] → images [B, 3, H, W] in [0, 1] (float32, CPU); with the SPM's fast
+        decode, of the latent shrunk to the SPM's input size."""
+        size = self.scorer.spm.image_size if getattr(self.scorer, "latent_decode", False) else 0
         if size:
             from ..backend.preference.scoring import shrink_latents
 
@@ -112,6 +112,31 @@ class LatentJudge:
             return self.score_noisy(x0 if x is None or float(sigma) == 0.0 else x, sigma)
         t = 0 if float(sigma) == 0.0 else self.timestep(sigma)
         return self.score_images(self.decode(x0), t)
+
+
+def fit_latent_rgb(latents: torch.Tensor, images: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """The linear map M [C + 1, 3] with RGB ≈ [z, 1]·M per latent pixel, fitted by ridge least squares to
+    decoded `images` [B, 3, H, W] of `latents` [B, C, h, w] (each image area-averaged to h × w). It is the
+    Latent2RGB preview ComfyUI shows while sampling, fitted to this run's VAE instead of fixed factors."""
+    target = F.interpolate(images.float(), size=latents.shape[-2:], mode="area")
+    z = latents.float().movedim(1, -1).reshape(-1, latents.shape[1])
+    x = torch.cat([z, torch.ones(len(z), 1)], 1)
+    y = target.movedim(1, -1).reshape(-1, 3)
+    gram = x.T @ x
+    gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram))
+    return torch.linalg.solve(gram, x.T @ y)
+
+
+def latent_rgb(latents: torch.Tensor, mapping: torch.Tensor, size: int) -> torch.Tensor:
+    """Latents [B, C, h, w] → previews [B, 3, h', w'] in [0, 1] through `fit_latent_rgb`'s map, the longer side
+    `size` (bilinear)."""
+    rgb = (torch.cat([latents.float(), torch.ones_like(latents[:, :1].float())], 1).movedim(1, -1) @ mapping)
+    rgb = rgb.movedim(-1, 1)
+    h, w = rgb.shape[-2:]
+    scale = size / max(h, w)
+    out = F.interpolate(rgb, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
+                        align_corners=False)
+    return out.clamp(0, 1)
 
 
 def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -161,11 +186,13 @@ class StepResult:
     step: int
     t: int
     scores: list[float]
-    thumbs: torch.Tensor  # [B, 3, h, w]
+    thumbs: torch.Tensor | None  # [B, 3, h, w]; None for a latent SPM until `StepRecorder.trace` previews x0
+    x0: torch.Tensor | None = None  # the step's x̂0 latents [B, C, h, w], kept where no decode was made
 
 
 class StepRecorder:
-    """The sampler callback of the Step Scorer: decodes and scores every step's x̂0.
+    """The sampler callback of the Step Scorer: decodes and scores every step's x̂0 (a latent SPM: scores every
+    step's noisy latent, and decodes nothing until `trace`).
 
     `recorder(step, x0, x, total)` has the signature of ComfyUI's sampler callbacks. With
     `overlap=True` the decode and the SPM run on one worker thread, in order, while the sampler
@@ -197,19 +224,21 @@ class StepRecorder:
         the step's noisy latent x, with no decode; the x̂0 is decoded for the thumbnails only)."""
         ts = [self.judge.timestep(self.sigmas[job[0]]) for job in jobs]
         sizes = [job[1].shape[0] for job in jobs]
-        # a latent SPM needs no decode to score: the x̂0 strip gets a preview decode at half the thumbnail size
-        preview = max(1, self.thumb_size // 2) if self.judge.reads_noisy_latents else 0
-        images = self.judge.decode(torch.cat([job[1] for job in jobs]), preview=preview)
-        if self.judge.reads_noisy_latents:
+        x0 = torch.cat([job[1] for job in jobs])
+        if self.judge.reads_noisy_latents:  # no decode at all: the x̂0 strip is previewed from the latents in trace()
             sig = torch.tensor([self.sigmas[job[0]] for job in jobs for _ in range(job[1].shape[0])])
             scores = self.judge.score_noisy(torch.cat([job[2] for job in jobs]), sig)
+            thumbs, kept = None, x0.float().cpu()
         else:
+            images = self.judge.decode(x0)
             t_rows = torch.tensor([t for t, n in zip(ts, sizes) for _ in range(n)], dtype=torch.long)
             scores = self.judge.score_images(images, t_rows)
-        thumbs = thumbnails(images, self.thumb_size)
+            thumbs, kept = thumbnails(images, self.thumb_size), None
         out, start = [], 0
         for (step, *_), t, n in zip(jobs, ts, sizes):
-            out.append(StepResult(step, t, [float(s) for s in scores[start:start + n]], thumbs[start:start + n]))
+            rows = slice(start, start + n)
+            out.append(StepResult(step, t, [float(s) for s in scores[rows]], None if thumbs is None else thumbs[rows],
+                                  None if kept is None else kept[rows]))
             start += n
         return out
 
@@ -267,7 +296,14 @@ class StepRecorder:
             self._jobs.put(None)
 
     def trace(self, **meta) -> StepTrace:
+        """The run's StepTrace. A latent SPM decoded nothing while sampling: its thumbnails are Latent2RGB previews
+        of every step's x̂0 through a linear map fitted to ONE decode, of the last step's x̂0 (`fit_latent_rgb`)."""
         done = sorted(self._done, key=lambda r: r.step)
+        if done and done[0].thumbs is None:
+            last = done[-1].x0
+            mapping = fit_latent_rgb(last, self.judge.decode(last))
+            for r in done:
+                r.thumbs = latent_rgb(r.x0, mapping, self.thumb_size)
         thumbs = torch.stack([r.thumbs for r in done]) if done else None
         return StepTrace(sigmas=[self.sigmas[r.step] for r in done], timesteps=[r.t for r in done],
                          scores=[r.scores for r in done], thumbnails=thumbs, **meta)
