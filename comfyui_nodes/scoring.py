@@ -297,10 +297,16 @@ class StepRecorder:
 
     def trace(self, **meta) -> StepTrace:
         """The run's StepTrace. A latent SPM decoded nothing while sampling: its thumbnails are Latent2RGB previews
-        of every step's x̂0 through a linear map fitted to ONE decode, of the last step's x̂0 (`fit_latent_rgb`)."""
+        of every step's x̂0 through a linear map fitted to ONE decode, of the last step's x̂0 (`fit_latent_rgb`),
+        shrunk to half the thumbnail size first where the VAE's downscale ratio is known."""
         done = sorted(self._done, key=lambda r: r.step)
         if done and done[0].thumbs is None:
+            from ..backend.preference.scoring import shrink_latents
+
             last = done[-1].x0
+            ratio = getattr(self.judge.vae, "downscale_ratio", None)
+            if isinstance(ratio, int):
+                last = shrink_latents(last, max(1, self.thumb_size // 2), ratio)
             mapping = fit_latent_rgb(last, self.judge.decode(last))
             for r in done:
                 r.thumbs = latent_rgb(r.x0, mapping, self.thumb_size)

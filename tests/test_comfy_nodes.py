@@ -384,7 +384,7 @@ def test_latent_spm_scores_the_samplers_own_latents(tiny, tmp_path):
 
 def test_latent_spm_strip_previews_the_final_image():
     """On the shipped pocket model (a trained VAE; the tiny one is random) the latent SPM's last thumbnail, a
-    Latent2RGB preview, is the final decoded image to within a tenth of the image's own spread (measured: 0.06)."""
+    Latent2RGB preview, is the final decoded image to within a tenth of the image's own spread (measured: 0.07)."""
     model = load_model("pocket", device="cpu")
     patcher, vae = standalone.wrap(model)
     prompt = "a large green triangle on a yellow background"
