@@ -231,6 +231,18 @@ def _spm_path(spec):
     return spec
 
 
+def resolve_dtype(name: str | None, device) -> torch.dtype:
+    """--dtype: fp32 or bf16; by default bf16 on a GPU, fp32 on a CPU."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[name]
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return dtype
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu"
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -255,9 +267,7 @@ def main() -> int:
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+    dtype = resolve_dtype(args.dtype, args.device)
     result = {"official": run_side(True, args, args.device, dtype), "ours": run_side(False, args, args.device, dtype)}
     if args.fast_decode:
         result["ours_fast_decode"] = run_side(False, args, args.device, dtype, fast_decode=True)
@@ -272,7 +282,7 @@ def main() -> int:
         result["latent_vs_pixel_round"] = lat["pairs_per_s"] / pix["pairs_per_s"]
         result["latent_vs_official_round"] = lat["pairs_per_s"] / result["official"]["pairs_per_s"]
     result["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
-    result["device_name"] = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
+    result["device_name"] = device_name(args.device)
     result["torch"] = torch.__version__
     print(json.dumps(result, indent=2))
     print(f"ours / official: {result['speedup_pairs_per_s']:.2f}x pairs per second, "

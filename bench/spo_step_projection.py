@@ -38,7 +38,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spo_step import OfficialScorer, _sync, random_h14_spm, random_model, train_pairs  # noqa: E402
+from spo_step import (  # noqa: E402
+    OfficialScorer,
+    _sync,
+    device_name,
+    random_h14_spm,
+    random_model,
+    resolve_dtype,
+    train_pairs,
+)
 
 
 def measure(fn, device, repeats: int) -> dict:
@@ -104,9 +112,7 @@ def main() -> int:
         raise SystemExit(f"--model must be random:sd15 or random:sdxl; got {args.model!r}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(args.dtype, device)
 
     from spo_studio.backend import diffusion
     from spo_studio.backend.preference.latent_spm import LatentPreferenceModel, LatentScorer
@@ -152,8 +158,8 @@ def main() -> int:
     model.unet.train()
     parts["train_pair"] = measure(lambda: train_pairs(model, model.unet, model.unet, None, pair, cfg, optimizer,
                                                       False, autocast), device, args.repeats)
-    result = {"settings": {**vars(args), "dtype": str(dtype)}, "device_name": torch.cuda.get_device_name()
-              if device.type == "cuda" else "cpu", "torch": torch.__version__,
+    result = {"settings": {**vars(args), "dtype": str(dtype)}, "device_name": device_name(device),
+              "torch": torch.__version__,
               "parts": {name: {k: round(v, 3) for k, v in part.items()} for name, part in parts.items()},
               "per_prompt_round": project(parts, args.steps, args.divert, args.pool)}
     print(json.dumps(result, indent=2))
