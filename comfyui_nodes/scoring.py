@@ -221,7 +221,7 @@ class StepRecorder:
 
     def _score(self, jobs: list[tuple]) -> list[StepResult]:
         """Scores the x̂0 of several steps in one batch; each row judged at its own step's t (a latent SPM:
-        the step's noisy latent x, with no decode; the x̂0 is decoded for the thumbnails only)."""
+        the step's noisy latent x, with no decode; its x̂0 is kept for the strip's Latent2RGB preview)."""
         ts = [self.judge.timestep(self.sigmas[job[0]]) for job in jobs]
         sizes = [job[1].shape[0] for job in jobs]
         x0 = torch.cat([job[1] for job in jobs])
