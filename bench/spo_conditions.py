@@ -1,0 +1,94 @@
+"""Where does an SPO LoRA move the judges? Held-out vs training prompts, DDIM η = 0 vs the rollout's η = 1.
+
+    python bench/spo_conditions.py runs/…/lora/spo_lora_diffusers.safetensors [more LoRAs …]
+                                   [--base-model pocket] [--eval-seeds 4] [--json FILE]
+
+The ladder (`bench/spo_ladder.py`) judges a LoRA on the 22 held-out prompts with DDIM η = 0. SPO trains on
+the training prompts with η = 1 rollouts. This bench judges each LoRA under all four combinations, each
+paired with the base model from the same noise (η = 1: the same per-step noise too):
+
+  held-out η=0   the ladder's grid (22 held-out prompts × seeds 10000…)
+  held-out η=1   the same prompts and seeds, sampled as the rollouts are
+  train η=0      22 training prompts (a fixed draw, seed 123) × seeds 20000…
+  train η=1      the same, sampled as the rollouts are
+
+It is a diagnosis, not a verdict: the ladder's rungs keep their held-out η = 0 evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from spo_ladder import eval_grid, metrics, paired  # noqa: E402
+
+JUDGES = ("aesthetic", "alignment")
+
+
+def train_grid(eval_seeds: int, n_prompts: int = 22) -> tuple[list[str], list[int]]:
+    """`n_prompts` of the pocket training prompts (a fixed draw) × `eval_seeds` seeds (20000, 20001, …)."""
+    from spo_studio.backend import sources
+
+    chosen = random.Random(123).sample(sources.prompts("pocket"), n_prompts)
+    return [p for p in chosen for _ in range(eval_seeds)], [20_000 + s for _ in chosen for s in range(eval_seeds)]
+
+
+def main(argv=None) -> int:
+    from spo_studio.backend import lora
+    from spo_studio.backend.evaluation import EvalSettings, sample_images
+    from spo_studio.backend.models import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("loras", nargs="+", help="LoRA files to judge")
+    parser.add_argument("--base-model", default="pocket")
+    parser.add_argument("--eval-seeds", type=int, default=4)
+    parser.add_argument("--json", default=None,
+                        help="also append one JSON line per LoRA here (with the per-image LoRA − base differences)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    for path in args.loras:
+        if not Path(path).is_file():
+            raise SystemExit(f"{path}: no such LoRA file")
+
+    grids = {"held-out": eval_grid(args.eval_seeds), "train": train_grid(args.eval_seeds)}
+    conditions = [(split, eta) for split in grids for eta in (0.0, 1.0)]
+
+    def judged(model) -> dict:
+        out = {}
+        for split, eta in conditions:
+            prompts, seeds = grids[split]
+            settings = EvalSettings(num_steps=20, cfg_scale=5.0, eta=eta, batch=32)
+            out[(split, eta)] = metrics(sample_images(model, prompts, seeds, settings), prompts)
+        return out
+
+    base = judged(load_model(args.base_model, device="cpu", dtype="fp32"))
+    for path in args.loras:
+        model = load_model(args.base_model, device="cpu", dtype="fp32")
+        lora.load_lora(model, path)
+        tuned = judged(model)
+        result = {"lora": str(path), "base_model": args.base_model, "conditions": {}}
+        print(path)
+        for split, eta in conditions:
+            key = f"{split} eta={eta:g}"
+            diffs = {j: paired(tuned[(split, eta)][j], base[(split, eta)][j]) for j in JUDGES}
+            result["conditions"][key] = diffs
+            # per image (LoRA − base), so that two LoRAs judged here compare paired: lever − control
+            result.setdefault("per_image", {})[key] = {
+                j: (tuned[(split, eta)][j] - base[(split, eta)][j]).astype(float).round(5).tolist() for j in JUDGES}
+            print(f"  {key:14s} " + "  ".join(f"{j} {d['diff']:+.3f} ± {d['se']:.3f}" for j, d in diffs.items()))
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
