@@ -37,6 +37,7 @@ SETTINGS = {
     "accum": ["grad_accum=4"],
     "lr": ["lr=3e-4"],
     "kl+accum": ["kl_coef=10", "grad_accum=4"],  # the two leads of the first screen, combined (confirmation)
+    "kl+eta": ["kl_coef=10", "eta=0.5"],  # rollouts nearer the η = 0 sampler the ladder evaluates with
 }
 JUDGES = ("aesthetic", "alignment")
 
