@@ -131,22 +131,24 @@ def latent_rgb(latents: torch.Tensor, mapping: torch.Tensor, size: int) -> torch
     """Latents [B, C, h, w] → previews [B, 3, h', w'] in [0, 1] through `fit_latent_rgb`'s map, the longer side
     `size` (bilinear)."""
     rgb = (torch.cat([latents.float(), torch.ones_like(latents[:, :1].float())], 1).movedim(1, -1) @ mapping)
-    rgb = rgb.movedim(-1, 1)
-    h, w = rgb.shape[-2:]
-    scale = size / max(h, w)
-    out = F.interpolate(rgb, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
+    out = F.interpolate(rgb.movedim(-1, 1), size=longer_side(rgb.shape[1:3], size), mode="bilinear",
                         align_corners=False)
     return out.clamp(0, 1)
 
 
+def longer_side(hw, size: int) -> tuple[int, int]:
+    """(h, w) scaled so that the longer side is `size`, each at least 1."""
+    h, w = hw
+    scale = size / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
     """Images [B, 3, H, W] → the same with the longer side `size` (antialiased), float32 in [0, 1]."""
-    h, w = images.shape[-2:]
-    scale = size / max(h, w)
-    if scale >= 1:
+    if size >= max(images.shape[-2:]):
         return images.clone()
-    out = F.interpolate(images, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
-                        align_corners=False, antialias=True)
+    out = F.interpolate(images, size=longer_side(images.shape[-2:], size), mode="bilinear", align_corners=False,
+                        antialias=True)
     return out.clamp(0, 1)
 
 
