@@ -157,9 +157,10 @@ def main() -> None:
         **{k: round(v, 2) if isinstance(v, float) else {a: round(b, 2) for a, b in v.items()}
            for k, v in parts.items()},
         "sides": {name: {"spm": sides[name][1], "setting": SIDES[name], "scorer_s": statistics.median(t),
-                         "all_s": [round(v, 4) for v in t], "ratio": statistics.median(t) / plain_s}
-                  for name, t in t_sides.items()},
+                         "all_s": [round(v, 4) for v in t]} for name, t in t_sides.items()},
     }
+    for side in result["sides"].values():
+        side["ratio"] = side["scorer_s"] / plain_s
     print(json.dumps(result, indent=2))
     for name, side in result["sides"].items():
         print(f"Step Scorer ({name}) / plain sampler = {side['ratio']:.3f}  "

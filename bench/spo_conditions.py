@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spo_ladder import eval_grid, metrics, paired  # noqa: E402
+from spo_ladder import eval_grid, judge_model, paired  # noqa: E402
 
 JUDGES = ("aesthetic", "alignment")
 
@@ -43,7 +43,6 @@ def train_grid(eval_seeds: int, n_prompts: int = 22) -> tuple[list[str], list[in
 
 def main(argv=None) -> int:
     from spo_studio.backend import lora
-    from spo_studio.backend.evaluation import EvalSettings, sample_images
     from spo_studio.backend.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -62,12 +61,7 @@ def main(argv=None) -> int:
     conditions = [(split, eta) for split in grids for eta in (0.0, 1.0)]
 
     def judged(model) -> dict:
-        out = {}
-        for split, eta in conditions:
-            prompts, seeds = grids[split]
-            settings = EvalSettings(num_steps=20, cfg_scale=5.0, eta=eta, batch=32)
-            out[(split, eta)] = metrics(sample_images(model, prompts, seeds, settings), prompts)
-        return out
+        return {(split, eta): judge_model(model, *grids[split], eta=eta) for split, eta in conditions}
 
     base = judged(load_model(args.base_model, device="cpu", dtype="fp32"))
     for path in args.loras:

@@ -67,13 +67,21 @@ def judge_samples(base_model: str, prompts: list[str], seeds: list[int], lora_pa
                   num_steps: int = 20, cfg_scale: float = 5.0) -> dict[str, np.ndarray]:
     """Sample the grid from `base_model` (with a LoRA if given; DDIM η = 0, fp32) and judge every image."""
     from spo_studio.backend import lora
-    from spo_studio.backend.evaluation import EvalSettings, sample_images
     from spo_studio.backend.models import load_model
 
     model = load_model(base_model, device="cpu", dtype="fp32")
     if lora_path is not None:
         lora.load_lora(model, lora_path)
-    settings = EvalSettings(num_steps=num_steps, cfg_scale=cfg_scale, eta=0.0, batch=32)
+    return judge_model(model, prompts, seeds, num_steps=num_steps, cfg_scale=cfg_scale)
+
+
+def judge_model(model, prompts: list[str], seeds: list[int], eta: float = 0.0, num_steps: int = 20,
+                cfg_scale: float = 5.0) -> dict[str, np.ndarray]:
+    """Sample the grid from a loaded model (DDIM with this η; at η > 0 the step noise comes from each batch's
+    first seed, so two models sampled alike share it) and judge every image."""
+    from spo_studio.backend.evaluation import EvalSettings, sample_images
+
+    settings = EvalSettings(num_steps=num_steps, cfg_scale=cfg_scale, eta=eta, batch=32)
     return metrics(sample_images(model, prompts, seeds, settings), prompts)
 
 
