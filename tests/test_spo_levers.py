@@ -113,11 +113,12 @@ def test_groups_round_trip_and_index():
 
 
 def test_lever_fields_are_validated():
-    for bad in ("pair_mode=all", "kl_coef=-1"):
+    for bad in ("pair_mode=all", "kl_coef=-1", "trunk=eta0"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             load_config(SPOConfig, None, [bad]).validate()
     cfg = load_config(SPOConfig, None, [])
-    assert (cfg.pair_mode, cfg.timestep_balance, cfg.kl_coef, cfg.fp32_candidates) == ("best-worst", False, 0.0, False)
+    assert (cfg.pair_mode, cfg.timestep_balance, cfg.kl_coef, cfg.fp32_candidates, cfg.trunk) == (
+        "best-worst", False, 0.0, False, "candidate")
 
 
 def test_fp32_candidates_keep_bf16_rounding_out_of_the_targets(tiny_dirs, tiny_spm, prompts_file):
@@ -139,6 +140,32 @@ def test_fp32_candidates_keep_bf16_rounding_out_of_the_targets(tiny_dirs, tiny_s
     assert found == {False: True, True: False}
 
 
+def test_ddim_trunk_draws_its_pairs_at_the_deterministic_sampler_states(tiny_dirs):
+    """`trunk: ddim`: every pair's x_t is a state of DDIM η = 0 from the same x_T, and the pools around it are
+    drawn at η = 1 (candidates spread by σ_t); the paper's trunk (η = 1 from the first step) is off that path."""
+    from spo_studio.backend.models import load_model
+    from spo_studio.backend.rewards import step_scorer
+    from spo_studio.backend.train.spo import rollout
+
+    model = load_model(tiny_dirs["sd15"], device="cpu", dtype=torch.float32)
+    scorer = step_scorer("reward:brightness", model, "x0", 100.0)
+    prompts = ["a red circle", "a blue square"]
+    x_T = diffusion.initial_latents(model, len(prompts), generator=torch.Generator().manual_seed(0))
+    states = {s.t: s.x_t for s in diffusion.sample(model, prompts, num_steps=6, cfg_scale=5.0, eta=0.0,
+                                                    latents=x_T).steps}
+    for trunk, on_path in (("ddim", True), ("candidate", False)):
+        cfg = load_config(SPOConfig, None, [f"trunk={trunk}", "num_steps=6", "divert_start_step=2", "threshold=0",
+                                            "pool_size=3"])
+        pairs, _ = rollout(model, model.unet, scorer, prompts, cfg, torch.Generator().manual_seed(0))
+        assert len(pairs) == 2 * 4  # every pool a pair: 4 pooled steps × 2 prompts
+        gaps = [(pairs.x_t[i] - states[int(pairs.t[i])][prompts.index(pairs.prompts[i])]).abs().max().item()
+                for i in range(len(pairs))]
+        assert (max(gaps) < 1e-5) if on_path else (min(gaps) > 0.05)
+        sigma = diffusion.ddim_sigma_tensor(*(diffusion.alpha_bar_tensor(model.scheduler, t)
+                                              for t in (pairs.t, pairs.t_prev)), 1.0)
+        assert ((pairs.x_w - pairs.x_l).flatten(1).std(1) > 0.5 * sigma).all()
+
+
 def test_the_studio_form_offers_the_levers():
     from spo_studio.webui.form import field_specs
 
@@ -146,3 +173,4 @@ def test_the_studio_form_offers_the_levers():
     assert specs["pair_mode"].kind == "choice" and specs["pair_mode"].choices == ["best-worst", "group"]
     assert specs["timestep_balance"].kind == "bool" and specs["kl_coef"].kind == "float"
     assert specs["fp32_candidates"].kind == "bool" and specs["reward_mode"].choices == ["x0", "complete"]
+    assert specs["trunk"].kind == "choice" and specs["trunk"].choices == ["candidate", "ddim"]

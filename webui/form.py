@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 
 from ..backend.rewards import MODES as REWARD_MODES
-from ..backend.train.spo_levers import PAIR_MODES
+from ..backend.train.spo_levers import PAIR_MODES, TRUNKS
 
 HIDDEN = ("output_dir", "resume")  # the job store sets these
 CHOICE_FIELDS = {"mixed_precision": ["no", "fp16", "bf16"], "reward_mode": list(REWARD_MODES),
-                 "pair_mode": list(PAIR_MODES)}
+                 "pair_mode": list(PAIR_MODES), "trunk": list(TRUNKS)}
 SOURCE_FIELDS = ("base_model", "spm", "embedding_model", "prompts", "train_data")  # "pocket" or a local path
 SECTIONS = (
     ("Model", ("base_model", "spm", "spm_clip", "embedding_model"), True),

@@ -42,6 +42,7 @@ from .common import TrainConfig
 from .method import Method, reference_pass
 from .spo_levers import (
     PAIR_MODES,
+    TRUNKS,
     Groups,
     PoolItems,
     advantage_loss,
@@ -99,6 +100,11 @@ class SPOConfig(TrainConfig):
                                            "steps (g up to 8x the mean) no longer dominate the gradient (paper: off)")
     kl_coef: float = option(0.0, "λ of a trust region at every t: adds λ·KL(p_θ(·|x_t) ‖ p_ref(·|x_t)) = "
                                  "λ·mean (μ_θ − μ_ref)²/(2σ_t²) per pair (paper: 0, the clamp only)")
+    trunk: str = option("candidate", "what a rollout continues from after each pool: 'candidate' (the paper: a "
+                                     "uniformly random candidate, so pairs are drawn at the η sampler's states) or "
+                                     "'ddim' (the DDIM η=0 step from x_t, so pairs are drawn at the states of the "
+                                     "deterministic sampler; one more UNet pass per step unless the scorer reads "
+                                     "latents)")
     fp32_candidates: bool = option(False, "keep trajectories and pools in fp32 when the UNet runs in fp16/bf16, so "
                                           "the training targets x_{t−1} carry no rounding (paper: model dtype)")
 
@@ -135,6 +141,8 @@ class SPOConfig(TrainConfig):
             raise ValueError(f"threshold must lie in [0, 1); got {self.threshold}")
         if self.pair_mode not in PAIR_MODES:
             raise ValueError(f"pair_mode must be one of {PAIR_MODES}; got {self.pair_mode!r}")
+        if self.trunk not in TRUNKS:
+            raise ValueError(f"trunk must be one of {TRUNKS}; got {self.trunk!r}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0 (0: off); got {self.kl_coef}")
 
@@ -212,6 +220,7 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
         x = x.float()
     items = items_class(cfg)
     group = items is Groups
+    deterministic_trunk = cfg.trunk == "ddim"
 
     pred = None
     kept: list[Pairs] = []
@@ -219,6 +228,10 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
     for i, (t, t_prev) in enumerate(zip(grid, prev)):
         if pred is None:
             pred = diffusion.predict(model, x, t, t_prev, cond, negative, cfg.cfg_scale, unet=policy_unet)
+        if i < cfg.divert_start_step and deterministic_trunk:
+            x = diffusion.draw(pred, None, 0.0)
+            pred = None
+            continue
         if i < cfg.divert_start_step:
             noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
             x = diffusion.draw(pred, noise, cfg.eta)
@@ -257,10 +270,13 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
             else:
                 kept.append(Pairs(x_w=pool.candidates[rows, win[rows]].float().cpu(),
                                   x_l=pool.candidates[rows, lose[rows]].float().cpu(), **common))
+        pred = None  # without a cached prediction the next step predicts at x only
+        if deterministic_trunk:  # along DDIM η = 0 from x_t: no candidate is this point, nothing is cached
+            x = diffusion.draw(pool.prediction, None, 0.0)
+            continue
         # continue from a uniformly random candidate, whatever its score; its prediction is cached
         pick = torch.randint(0, k, (b,), generator=generator)
         x = pool.candidates[torch.arange(b), pick]
-        pred = None  # without a cached prediction the next step predicts at x, the chosen candidate only
         if nxt is not None:
             sel = torch.arange(b) * k + pick
             pred = diffusion.StepPrediction(x_t=x, eps=nxt.eps[sel], x0_hat=nxt.x0_hat[sel], t=nxt.t,

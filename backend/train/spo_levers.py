@@ -23,6 +23,12 @@ Each lever is a field of `SPOConfig` whose default is the paper's behaviour (Lia
   policy's step mean near the reference's at every t (the same per-element scale as the log-probabilities).
 * **fp32 candidates** (`fp32_candidates`): the trajectory and the pool are kept in fp32 while the
   UNet runs in fp16/bf16, so the training targets x_{t−1} carry no rounding of the model's dtype.
+* **The trunk the pools hang on** (`trunk`). The paper continues each rollout from a uniformly random
+  candidate, so the states x_t at which pairs are drawn follow the η = 1 sampler. With `trunk: ddim`
+  the rollout continues along the deterministic DDIM step x_{t−1} = μ_{η=0}(x_t) (eq. 12 with σ_t = 0)
+  instead; the pools are still drawn at η from each x_t, and their log-probabilities are unchanged.
+  Pairs are then drawn at the states of the η = 0 sampler that users (and the ladder's evaluation)
+  sample with. It costs one UNet pass per step on the trunk, unless the step scorer reads latents.
 * More pairs per optimizer step (`grad_accum`, `pool_size`) and the learning rate (`lr`) are fields of
   every method already.
 """
@@ -39,6 +45,7 @@ import torch.nn.functional as F
 from .. import diffusion
 
 PAIR_MODES = ("best-worst", "group")
+TRUNKS = ("candidate", "ddim")
 
 
 @dataclass
