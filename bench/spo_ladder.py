@@ -85,6 +85,21 @@ def judge_model(model, prompts: list[str], seeds: list[int], eta: float = 0.0, n
     return metrics(sample_images(model, prompts, seeds, settings), prompts)
 
 
+def resumed_seconds(out: Path, values: dict, overrides: list[str]) -> float:
+    """The training seconds an earlier ladder run reached, from its last record in `<out>/ladder.jsonl`;
+    a clear error if the folder has no record there or was run with other settings."""
+    log = out / "ladder.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    mine = [r for r in records if r["config"].get("output_dir") == values["output_dir"]]
+    if not mine:
+        raise SystemExit(f"--resume {values['output_dir']}: no record of that run in {log}")
+    last = mine[-1]
+    if last["config"] != {k: str(v) for k, v in values.items()} or last["overrides"] != list(overrides):
+        raise SystemExit(f"--resume {values['output_dir']}: it ran with {last['config']} and overrides "
+                         f"{last['overrides']}; give the same rung, seed and overrides")
+    return float(last["train_seconds"])
+
+
 def main(argv=None) -> int:
     from spo_studio.backend.config import load_config
     from spo_studio.backend.train.spo import SPOConfig, train_spo
@@ -100,6 +115,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-seeds", type=int, default=4)
     parser.add_argument("--out", default="runs/ladder")
     parser.add_argument("--tag", default="", help="a label stored with the result (e.g. the lever tried)")
+    parser.add_argument("--resume", default="",
+                        help="a run folder of an earlier ladder run in --out: continue it to further --minutes / "
+                             "--steps (its rung, seed and overrides must be given again, unchanged)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the SPO config")
     args = parser.parse_args(argv)
 
@@ -109,13 +127,17 @@ def main(argv=None) -> int:
     budgets = [float(v) for v in (args.minutes or args.steps).split(",")]
     if any(b <= 0 for b in budgets) or budgets != sorted(budgets):
         parser.error("--steps / --minutes: positive budgets in increasing order")
-    run_dir = out / f"{args.rung.replace(chr(39), 'p')}_s{args.seed}_{int(time.time())}"
+    fresh = out / f"{args.rung.replace(chr(39), 'p')}_s{args.seed}_{int(time.time())}"
+    run_dir = Path(args.resume) if args.resume else fresh
     values = {**RUNGS[args.rung], "output_dir": str(run_dir), "seed": args.seed, "epochs": 1000}
     preset = Path(__file__).resolve().parents[1] / "configs" / "pocket_spo.yaml"
 
+    trained_s = resumed_seconds(out, values, args.overrides) if args.resume else 0.0
+    spent_min = trained_s / 60
+    if by_minutes and budgets[0] <= spent_min:
+        parser.error(f"--minutes: {args.resume} has trained {spent_min:.1f} minutes already; give larger budgets")
     ps, seeds = eval_grid(args.eval_seeds)
     before = None
-    trained_s, spent_min = 0.0, 0.0
     for budget in budgets:
         # a stage resumes the run (max_steps / max_minutes are resumable changes) up to its budget
         stage = {"max_steps": 0, "max_minutes": budget - spent_min} if by_minutes else {"max_steps": int(budget)}

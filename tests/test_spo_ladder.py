@@ -102,3 +102,26 @@ def test_the_job_store_resolves_reward_paths(tmp_path, tiny_spm):
     job = store.submit("spo", {"spm": f"reward:-pickscore={tiny_spm}"}, start=False)
     config = (tmp_path / "runs" / job.run_dir.split("/")[-1] / "job.yaml").read_text()
     assert f"reward:-pickscore={tiny_spm.resolve()}" in config
+
+
+def test_the_ladder_resumes_a_run_only_with_its_own_settings(tmp_path):
+    """`bench/spo_ladder.py --resume DIR` takes the training time DIR reached from its last record, and refuses a
+    folder it has no record of or a call whose rung, seed or overrides differ."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import spo_ladder
+
+    run = str(tmp_path / "b_s0_1")
+    values = {**spo_ladder.RUNGS["b"], "output_dir": run, "seed": 0, "epochs": 1000}
+    config = {k: str(v) for k, v in values.items()}
+    with open(tmp_path / "ladder.jsonl", "w") as f:
+        for seconds in (900.5, 1840.8):
+            f.write(json.dumps({"config": config, "overrides": ["trunk=ddim"], "train_seconds": seconds}) + "\n")
+    assert spo_ladder.resumed_seconds(tmp_path, values, ["trunk=ddim"]) == 1840.8
+    with pytest.raises(SystemExit, match="give the same rung, seed and overrides"):
+        spo_ladder.resumed_seconds(tmp_path, values, [])
+    with pytest.raises(SystemExit, match="no record of that run"):
+        spo_ladder.resumed_seconds(tmp_path, {**values, "output_dir": str(tmp_path / "other")}, ["trunk=ddim"])
