@@ -2,6 +2,7 @@
 
     python bench/spo_conditions.py runs/…/lora/spo_lora_diffusers.safetensors [more LoRAs …]
                                    [--base-model pocket] [--eval-seeds 4] [--json FILE]
+    python bench/spo_conditions.py --compare FILE --pair LEVER=CONTROL [--pair LEVER=CONTROL …]
 
 The ladder (`bench/spo_ladder.py`) judges a LoRA on the 22 held-out prompts with DDIM η = 0. SPO trains on
 the training prompts with η = 1 rollouts. This bench judges each LoRA under all four combinations, each
@@ -13,6 +14,9 @@ paired with the base model from the same noise (η = 1: the same per-step noise 
   train η=1      the same, sampled as the rollouts are
 
 It is a diagnosis, not a verdict: the ladder's rungs keep their held-out η = 0 evaluation.
+
+`--compare` reads the per-image differences a `--json` run stored and prints lever − control, paired per
+image and pooled over the given pairs (each LEVER / CONTROL: a unique part of a judged LoRA's path).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -41,17 +46,47 @@ def train_grid(eval_seeds: int, n_prompts: int = 22) -> tuple[list[str], list[in
     return [p for p in chosen for _ in range(eval_seeds)], [20_000 + s for _ in chosen for s in range(eval_seeds)]
 
 
+def lever_minus_control(records: list[dict], pairs: list[tuple[str, str]]) -> dict:
+    """{condition: {judge: paired(lever, control)}} pooled over `pairs` of (lever, control) path parts."""
+    def find(part: str) -> dict:
+        hits = [r for r in records if part in r["lora"]]
+        if len(hits) != 1:
+            raise SystemExit(f"--pair: {part!r} matches {len(hits)} judged LoRAs (needs exactly one)")
+        return hits[0]
+
+    chosen = [(find(lever), find(control)) for lever, control in pairs]
+    out = {}
+    for cond in chosen[0][0]["per_image"]:
+        out[cond] = {j: paired(np.concatenate([np.asarray(lv["per_image"][cond][j]) for lv, _ in chosen]),
+                               np.concatenate([np.asarray(ct["per_image"][cond][j]) for _, ct in chosen]))
+                     for j in JUDGES}
+    return out
+
+
 def main(argv=None) -> int:
     from spo_studio.backend import lora
     from spo_studio.backend.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("loras", nargs="+", help="LoRA files to judge")
+    parser.add_argument("loras", nargs="*", help="LoRA files to judge")
     parser.add_argument("--base-model", default="pocket")
     parser.add_argument("--eval-seeds", type=int, default=4)
     parser.add_argument("--json", default=None,
                         help="also append one JSON line per LoRA here (with the per-image LoRA − base differences)")
+    parser.add_argument("--compare", default=None, help="a --json file of judged LoRAs: print lever − control")
+    parser.add_argument("--pair", action="append", default=[], metavar="LEVER=CONTROL",
+                        help="with --compare: a lever and its control (unique parts of their LoRA paths)")
     args = parser.parse_args(argv)
+    if args.compare:
+        if not args.pair or any("=" not in p for p in args.pair):
+            parser.error("--compare needs one or more --pair LEVER=CONTROL")
+        records = [json.loads(line) for line in Path(args.compare).read_text().splitlines()]
+        result = lever_minus_control(records, [tuple(p.split("=", 1)) for p in args.pair])
+        for cond, diffs in result.items():
+            print(f"  {cond:14s} " + "  ".join(f"{j} {d['diff']:+.3f} ± {d['se']:.3f}" for j, d in diffs.items()))
+        return 0
+    if not args.loras:
+        parser.error("give LoRA files to judge, or --compare")
     torch.set_num_threads(2)
     for path in args.loras:
         if not Path(path).is_file():

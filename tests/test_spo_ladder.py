@@ -125,3 +125,23 @@ def test_the_ladder_resumes_a_run_only_with_its_own_settings(tmp_path):
         spo_ladder.resumed_seconds(tmp_path, values, [])
     with pytest.raises(SystemExit, match="no record of that run"):
         spo_ladder.resumed_seconds(tmp_path, {**values, "output_dir": str(tmp_path / "other")}, ["trunk=ddim"])
+
+
+def test_lever_minus_control_pools_paired_differences_over_seeds():
+    """`bench/spo_conditions.py --compare`: lever − control per image, pooled over the pairs, by hand."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import spo_conditions
+
+    def record(path, aesthetic):
+        return {"lora": path, "per_image": {"held-out eta=0": {"aesthetic": aesthetic, "alignment": [0.0, 0.0]}}}
+
+    records = [record("runs/x/lever_s0/a.safetensors", [0.3, 0.1]), record("runs/x/ctl_s0/a.safetensors", [0.1, 0.1]),
+               record("runs/x/lever_s1/a.safetensors", [0.2, 0.0]), record("runs/x/ctl_s1/a.safetensors", [0.0, 0.2])]
+    out = spo_conditions.lever_minus_control(records, [("lever_s0", "ctl_s0"), ("lever_s1", "ctl_s1")])
+    d = out["held-out eta=0"]["aesthetic"]  # differences 0.2, 0.0, 0.2, −0.2: mean 0.05, sd √(0.11/3)
+    assert d["n"] == 4 and d["diff"] == pytest.approx(0.05) and d["se"] == pytest.approx(math.sqrt(0.11 / 3) / 2)
+    with pytest.raises(SystemExit, match="matches 2 judged LoRAs"):
+        spo_conditions.lever_minus_control(records, [("lever", "ctl_s0")])
