@@ -228,13 +228,11 @@ def rollout(model: DiffusionModel, policy_unet, scorer, prompts: list[str], cfg:
     for i, (t, t_prev) in enumerate(zip(grid, prev)):
         if pred is None:
             pred = diffusion.predict(model, x, t, t_prev, cond, negative, cfg.cfg_scale, unet=policy_unet)
-        if i < cfg.divert_start_step and deterministic_trunk:
-            x = diffusion.draw(pred, None, 0.0)
-            pred = None
-            continue
-        if i < cfg.divert_start_step:
-            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
-            x = diffusion.draw(pred, noise, cfg.eta)
+        if i < cfg.divert_start_step:  # a single trajectory: along DDIM η = 0 (trunk 'ddim') or drawn at η
+            if deterministic_trunk:
+                x = diffusion.draw(pred, None, 0.0)
+            else:
+                x = diffusion.draw(pred, torch.randn(x.shape, generator=generator).to(x.device, x.dtype), cfg.eta)
             pred = None
             continue
         pool = diffusion.sample_pool(pred, k, cfg.eta, generator)  # [b, k, C, H, W], no UNet call
