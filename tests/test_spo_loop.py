@@ -45,7 +45,7 @@ def test_spo_run_writes_metrics_lora_and_samples(tiny_dirs, tiny_spm, prompts_fi
 
 
 # every lever of spo_levers.py at once: group pools must resume mid-round like pairs do
-LEVERS = {"pair_mode": "group", "timestep_balance": True, "kl_coef": 0.5, "fp32_candidates": True}
+LEVERS = {"pair_mode": "group", "timestep_balance": True, "kl_coef": 0.5, "fp32_candidates": True, "trunk": "ddim"}
 
 
 @pytest.mark.parametrize("levers", [{}, LEVERS], ids=["paper", "levers"])
