@@ -9,7 +9,10 @@ would make anyway cannot pass. The heavier rungs are `bench/spo_ladder.py`.
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,11 @@ from spo_studio.backend.evaluation import EvalSettings, sample_images
 from spo_studio.backend.models import load_model
 from spo_studio.backend.rewards import RewardStepScorer, check_reward_paths, parse_reward
 from spo_studio.backend.train.spo import SPOConfig, train_spo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import spo_conditions  # noqa: E402
+import spo_ladder  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green circle", "a photo of a cat"]
 
@@ -107,13 +115,6 @@ def test_the_job_store_resolves_reward_paths(tmp_path, tiny_spm):
 def test_the_ladder_resumes_a_run_only_with_its_own_settings(tmp_path):
     """`bench/spo_ladder.py --resume DIR` takes the training time DIR reached from its last record, and refuses a
     folder it has no record of or a call whose rung, seed or overrides differ."""
-    import json
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import spo_ladder
-
     run = str(tmp_path / "b_s0_1")
     values = {**spo_ladder.RUNGS["b"], "output_dir": run, "seed": 0, "epochs": 1000}
     config = {k: str(v) for k, v in values.items()}
@@ -129,12 +130,6 @@ def test_the_ladder_resumes_a_run_only_with_its_own_settings(tmp_path):
 
 def test_lever_minus_control_pools_paired_differences_over_seeds():
     """`bench/spo_conditions.py --compare`: lever − control per image, pooled over the pairs, by hand."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import spo_conditions
-
     def record(path, aesthetic):
         return {"lora": path, "per_image": {"held-out eta=0": {"aesthetic": aesthetic, "alignment": [0.0, 0.0]}}}
 
