@@ -189,7 +189,8 @@ def run_side(official: bool, args, device, dtype, fast_decode: bool = False, lat
         ref_unet = copy.deepcopy(model.unet) if official else None
         cfg = SPOConfig(pool_size=args.pool, threshold=0.0, prompts_per_round=args.prompts,
                         train_batch_size=args.prompts, num_steps=args.steps, lora_rank=args.rank,
-                        lora_alpha=float(args.rank), mixed_precision="no" if dtype == torch.float32 else "bf16")
+                        lora_alpha=float(args.rank), mixed_precision="no" if dtype == torch.float32 else "bf16",
+                        trunk=args.trunk)
         params = attach_trainable_lora(model.unet, model.family, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, 0)
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         if latent:
@@ -258,6 +259,8 @@ def main() -> int:
     p.add_argument("--pool", type=int, default=4, help="k candidates per step")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    p.add_argument("--trunk", default="candidate", choices=("candidate", "ddim"),
+                   help="SPOConfig.trunk for every side: 'ddim' costs the pixel SPM one more UNet pass per step")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
