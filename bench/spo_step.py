@@ -250,6 +250,8 @@ def _sync(device):
 
 
 def main() -> int:
+    from spo_studio.backend.train.spo_levers import TRUNKS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="pocket", help="'pocket', a model folder, or random:sd15 / random:sdxl")
     p.add_argument("--spm", default="pocket", help="'pocket', an SPM folder, or random:h14")
@@ -259,7 +261,7 @@ def main() -> int:
     p.add_argument("--pool", type=int, default=4, help="k candidates per step")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    p.add_argument("--trunk", default="candidate", choices=("candidate", "ddim"),
+    p.add_argument("--trunk", default="candidate", choices=TRUNKS,
                    help="SPOConfig.trunk for every side: 'ddim' costs the pixel SPM one more UNet pass per step")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
