@@ -190,7 +190,8 @@ def run_side(official: bool, args, device, dtype, fast_decode: bool = False, lat
         cfg = SPOConfig(pool_size=args.pool, threshold=0.0, prompts_per_round=args.prompts,
                         train_batch_size=args.prompts, num_steps=args.steps, lora_rank=args.rank,
                         lora_alpha=float(args.rank), mixed_precision="no" if dtype == torch.float32 else "bf16",
-                        trunk=args.trunk)
+                        trunk=args.trunk,
+                        **({"lora_targets": args.lora_targets.split(",")} if args.lora_targets else {}))
         params = attach_trainable_lora(model.unet, model.family, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, 0)
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         if latent:
@@ -263,6 +264,9 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
     p.add_argument("--trunk", default="candidate", choices=TRUNKS,
                    help="SPOConfig.trunk for every side: 'ddim' costs the pixel SPM one more UNet pass per step")
+    p.add_argument("--lora-targets", default=None,
+                   help="SPOConfig.lora_targets for every side, comma-separated (default: SPOConfig's, attention "
+                        "only); the pocket preset's LoCon: to_q,to_k,to_v,to_out.0,conv1,conv2")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
