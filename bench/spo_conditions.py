@@ -2,7 +2,7 @@
 
     python bench/spo_conditions.py runs/…/lora/spo_lora_diffusers.safetensors [more LoRAs …]
                                    [--base-model pocket] [--eval-seeds 4] [--json FILE]
-    python bench/spo_conditions.py --compare FILE --pair LEVER=CONTROL [--pair LEVER=CONTROL …]
+    python bench/spo_conditions.py --compare FILE [FILE …] --pair LEVER=CONTROL [--pair LEVER=CONTROL …]
 
 The ladder (`bench/spo_ladder.py`) judges a LoRA on the 22 held-out prompts with DDIM η = 0. SPO trains on
 the training prompts with η = 1 rollouts. This bench judges each LoRA under all four combinations, each
@@ -15,8 +15,9 @@ paired with the base model from the same noise (η = 1: the same per-step noise 
 
 It is a diagnosis, not a verdict: the ladder's rungs keep their held-out η = 0 evaluation.
 
-`--compare` reads the per-image differences a `--json` run stored and prints lever − control, paired per
-image and pooled over the given pairs (each LEVER / CONTROL: a unique part of a judged LoRA's path).
+`--compare` reads the per-image differences one or more `--json` runs stored and prints lever − control, paired
+per image and pooled over the given pairs (each LEVER / CONTROL: a unique part of a judged LoRA's path, among
+the records of all the files).
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ def lever_minus_control(records: list[dict], pairs: list[tuple[str, str]]) -> di
     return out
 
 
+def read_records(path: str) -> list[dict]:
+    """The records of one `--json` file (a JSON object per line); a clear error names the file and the line."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--compare: {path} is not a file")
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--compare: {path}, line {number} is not JSON ({exc.msg})") from None
+    return records
+
+
 def main(argv=None) -> int:
     from spo_studio.backend import lora
     from spo_studio.backend.models import load_model
@@ -73,14 +89,15 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-seeds", type=int, default=4)
     parser.add_argument("--json", default=None,
                         help="also append one JSON line per LoRA here (with the per-image LoRA − base differences)")
-    parser.add_argument("--compare", default=None, help="a --json file of judged LoRAs: print lever − control")
+    parser.add_argument("--compare", nargs="+", default=None,
+                        help="--json files of judged LoRAs (their records pooled): print lever − control")
     parser.add_argument("--pair", action="append", default=[], metavar="LEVER=CONTROL",
                         help="with --compare: a lever and its control (unique parts of their LoRA paths)")
     args = parser.parse_args(argv)
     if args.compare:
         if not args.pair or any("=" not in p for p in args.pair):
             parser.error("--compare needs one or more --pair LEVER=CONTROL")
-        records = [json.loads(line) for line in Path(args.compare).read_text().splitlines()]
+        records = [record for path in args.compare for record in read_records(path)]
         result = lever_minus_control(records, [tuple(p.split("=", 1)) for p in args.pair])
         for cond, diffs in result.items():
             print(f"  {cond:14s} " + "  ".join(f"{j} {d['diff']:+.3f} ± {d['se']:.3f}" for j, d in diffs.items()))

@@ -167,8 +167,8 @@ class SPOStepScorer(io.ComfyNode):
                 io.Image.Output(display_name="score_plot", tooltip="Preference score vs step."),
                 io.Image.Output(display_name="x0_strip",
                                 tooltip="Every step's x̂0 with its score: decoded by the VAE or, with a latent "
-                                        "preference model (which decodes nothing while sampling), its Latent2RGB "
-                                        "preview through a linear map fitted to one decode of the final x̂0."),
+                                        "preference model (which decodes one x̂0 only), its Latent2RGB preview "
+                                        "through a linear map fitted to the decode of the next-to-last x̂0."),
                 SPOTrace.Output(display_name="SPO_TRACE", tooltip="Timesteps, σ, scores and thumbnails per step."),
             ],
             hidden=[io.Hidden.unique_id],

@@ -194,7 +194,7 @@ class StepResult:
 
 class StepRecorder:
     """The sampler callback of the Step Scorer: decodes and scores every step's x̂0 (a latent SPM: scores every
-    step's noisy latent, and decodes nothing until `trace`).
+    step's noisy latent, and decodes one x̂0 only, for the strip's Latent2RGB map).
 
     `recorder(step, x0, x, total)` has the signature of ComfyUI's sampler callbacks. With
     `overlap=True` the decode and the SPM run on one worker thread, in order, while the sampler
@@ -215,6 +215,10 @@ class StepRecorder:
         self.chunk = chunk
         self._done: list[StepResult] = []
         self._new: "queue.SimpleQueue[StepResult]" = queue.SimpleQueue()
+        # a latent SPM's Latent2RGB map is fitted to the x̂0 of the second-to-last step, on the scoring thread
+        # while the sampler takes its last step, so that its one decode is not left for after the sampler ends
+        self.fit_step = max(0, len(self.sigmas) - 3)
+        self._mapping: torch.Tensor | None = None
         self._error: BaseException | None = None
         if overlap:
             self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
@@ -231,6 +235,9 @@ class StepRecorder:
             sig = torch.tensor([self.sigmas[job[0]] for job in jobs for _ in range(job[1].shape[0])])
             scores = self.judge.score_noisy(torch.cat([job[2] for job in jobs]), sig)
             thumbs, kept = None, x0.float().cpu()
+            for job in jobs:
+                if job[0] == self.fit_step:
+                    self._mapping = self._fit_map(job[1])
         else:
             images = self.judge.decode(x0)
             t_rows = torch.tensor([t for t, n in zip(ts, sizes) for _ in range(n)], dtype=torch.long)
@@ -297,19 +304,23 @@ class StepRecorder:
             self._error = self._error or RuntimeError("stopped")
             self._jobs.put(None)
 
+    def _fit_map(self, x0: torch.Tensor) -> torch.Tensor:
+        """`fit_latent_rgb` to ONE decode of `x0`, shrunk to half the thumbnail size first where the VAE's
+        downscale ratio is known."""
+        from ..backend.preference.scoring import shrink_latents
+
+        ratio = getattr(self.judge.vae, "downscale_ratio", None)
+        if isinstance(ratio, int):
+            x0 = shrink_latents(x0, max(1, self.thumb_size // 2), ratio)
+        return fit_latent_rgb(x0, self.judge.decode(x0))
+
     def trace(self, **meta) -> StepTrace:
-        """The run's StepTrace. A latent SPM decoded nothing while sampling: its thumbnails are Latent2RGB previews
-        of every step's x̂0 through a linear map fitted to ONE decode, of the last step's x̂0 (`fit_latent_rgb`),
-        shrunk to half the thumbnail size first where the VAE's downscale ratio is known."""
+        """The run's StepTrace. A latent SPM decoded nothing while sampling but once: its thumbnails are
+        Latent2RGB previews of every step's x̂0 through a linear map fitted to ONE decode, of the second-to-last
+        step's x̂0 (`fit_step`; of the last step's where the sampler reported fewer steps)."""
         done = sorted(self._done, key=lambda r: r.step)
         if done and done[0].thumbs is None:
-            from ..backend.preference.scoring import shrink_latents
-
-            last = done[-1].x0
-            ratio = getattr(self.judge.vae, "downscale_ratio", None)
-            if isinstance(ratio, int):
-                last = shrink_latents(last, max(1, self.thumb_size // 2), ratio)
-            mapping = fit_latent_rgb(last, self.judge.decode(last))
+            mapping = self._mapping if self._mapping is not None else self._fit_map(done[-1].x0)
             for r in done:
                 r.thumbs = latent_rgb(r.x0, mapping, self.thumb_size)
         thumbs = torch.stack([r.thumbs for r in done]) if done else None

@@ -369,7 +369,8 @@ def test_latent_spm_scores_the_samplers_own_latents(tiny, tmp_path):
     x = torch.randn(3, 4, 8, 8)
     expected = scorer.score_latents(x / math.sqrt(1 + 2.0**2), [PROMPT] * 3, judge.timestep(2.0))
     assert torch.allclose(judge(torch.zeros_like(x), 2.0, x), expected)
-    # it decodes nothing while sampling: the x̂0 strip costs ONE decode, of the final x̂0, for its Latent2RGB map
+    # the x̂0 strip costs ONE decode, of the next-to-last step's x̂0 (made on the scoring thread while the
+    # sampler takes its last step), for its Latent2RGB map
     calls = []
 
     class CountingVae:

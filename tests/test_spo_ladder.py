@@ -140,3 +140,19 @@ def test_lever_minus_control_pools_paired_differences_over_seeds():
     assert d["n"] == 4 and d["diff"] == pytest.approx(0.05) and d["se"] == pytest.approx(math.sqrt(0.11 / 3) / 2)
     with pytest.raises(SystemExit, match="matches 2 judged LoRAs"):
         spo_conditions.lever_minus_control(records, [("lever", "ctl_s0")])
+
+
+def test_compare_pools_the_records_of_several_files(tmp_path, capsys):
+    """`--compare A B`: a lever judged in one run and its control in another pair up; a bad line names its file."""
+    def record(path, aesthetic):
+        return json.dumps({"lora": path, "per_image": {"held-out eta=0": {"aesthetic": aesthetic,
+                                                                          "alignment": [0.0, 0.0]}}})
+
+    (tmp_path / "a.jsonl").write_text(record("runs/lever/l.safetensors", [0.3, 0.2]) + "\n")
+    (tmp_path / "b.jsonl").write_text(record("runs/ctl/l.safetensors", [0.1, 0.1]) + "\n\n")
+    assert spo_conditions.main(["--compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"),
+                                "--pair", "lever=ctl"]) == 0
+    assert "aesthetic +0.150 ± 0.050" in capsys.readouterr().out
+    (tmp_path / "c.jsonl").write_text("{not json\n")
+    with pytest.raises(SystemExit, match=r"c\.jsonl, line 1 is not JSON"):
+        spo_conditions.main(["--compare", str(tmp_path / "c.jsonl"), "--pair", "lever=ctl"])
