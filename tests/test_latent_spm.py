@@ -7,7 +7,7 @@ import torch
 from spo_studio.backend.config import load_config
 from spo_studio.backend.models import load_model
 from spo_studio.backend.preference.data import write_pickapic
-from spo_studio.backend.preference.evaluate import bucket_verdicts, load_pairs
+from spo_studio.backend.preference.evaluate import bucket_verdicts, eval_spm, load_pairs, paired_difference
 from spo_studio.backend.preference.latent_spm import LatentPreferenceModel, LatentScorer
 from spo_studio.backend.preference.scoring import Scorer
 from spo_studio.backend.preference.train import SPMTrainConfig, train_spm
@@ -92,6 +92,33 @@ def test_eval_hands_the_latent_spm_the_same_noisy_latents(tiny_dirs, tiny_lspm, 
     again = bucket_verdicts({"lspm": (latent, True)}, model, pairs, buckets=(0, 500), batch_size=4)
     assert both == again and set(both) == {"clean", "0", "500"} and len(both["500"]["lspm"]) == len(pairs)
     assert isinstance(latent, LatentScorer)
+
+
+def test_paired_difference_by_hand():
+    """A − B per pair: d = (0, 1, −1, 1), mean 0.25, SE = sd(d)/√n = √((2.75/3)/4)."""
+    d = paired_difference([True, True, False, True], [True, False, True, False])
+    assert d["difference"] == pytest.approx(0.25) and d["stderr"] == pytest.approx(((2.75 / 3) / 4) ** 0.5)
+    assert (d["n"], d["a_only"], d["b_only"]) == (4, 2, 1)
+    with pytest.raises(ValueError, match="not the same pairs"):
+        paired_difference([True], [True, False])
+
+
+def test_eval_against_another_spm_pairs_the_verdicts(tiny_dirs, tiny_lspm, tiny_spm, tmp_path):
+    """`spo eval-spm --against`: a latent SPM against a pixel one on the same pairs; the against column is what
+    the other SPM scores as the main one, and the difference is paired per pair."""
+    model = load_model(tiny_dirs["sd15"], device="cpu", dtype="fp32")
+    data = write_pairs(tmp_path / "pairs.parquet")
+    both = eval_spm(tiny_lspm, tiny_spm, model, data, buckets=(0, 500), batch_size=4, against=tiny_spm)
+    alone = eval_spm(tiny_spm, tiny_spm, model, data, buckets=(0, 500), batch_size=4)
+    verdicts = bucket_verdicts({"l": (Scorer.from_path(tiny_lspm, model), True),
+                                "p": (Scorer.from_path(tiny_spm, model), True)}, model, load_pairs(data),
+                               buckets=(0, 500), batch_size=4)
+    for key, row in [("clean", both["clean"]), ("0", both["buckets"]["0"]), ("500", both["buckets"]["500"])]:
+        same = alone["clean"] if key == "clean" else alone["buckets"][key]
+        assert row["against"] == same["spm"]
+        assert row["difference"] == paired_difference(verdicts[key]["l"], verdicts[key]["p"])
+        assert row["difference"]["difference"] == pytest.approx(row["spm"]["accuracy"] - row["against"]["accuracy"])
+    assert both["against"] == str(tiny_spm)
 
 
 def test_the_shipped_pocket_latent_spm(tmp_path):

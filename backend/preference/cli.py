@@ -51,6 +51,9 @@ def args_eval_spm(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latent-decode", action="store_true",
                    help="score the fast preview decode (x̂0 latent shrunk to the SPM's input size, then decoded)")
+    p.add_argument("--against", default=None,
+                   help="another step-aware SPM ('pocket', 'pocket-latent' or a folder) judged on the same inputs: "
+                        "each row adds its accuracy and the paired difference SPM − it, with its standard error")
     p.add_argument("--out", default="runs/spm_eval", help="output folder for spm_eval.json and spm_eval.png")
 
 
@@ -68,7 +71,7 @@ def cmd_eval_spm(args) -> int:
     model = load_model(args.model)
     result = eval_spm(args.spm, args.base_scorer or POCKET_SCORER_DIR, model, data, BUCKETS, args.max_pairs,
                       seed=args.seed, latent_decode=args.latent_decode, train_data=train_data,
-                      val_fraction=args.val_fraction, spm_clip=args.spm_clip)
+                      val_fraction=args.val_fraction, spm_clip=args.spm_clip, against=args.against)
     write_eval(result, Path(args.out))
     clean = result["clean"]
     print(f"clean   SPM {clean['spm']['accuracy']:.3f} ± {clean['spm']['stderr']:.3f}   "
@@ -76,6 +79,12 @@ def cmd_eval_spm(args) -> int:
     for t, row in result["buckets"].items():
         print(f"t={t:>4}  SPM {row['spm']['accuracy']:.3f} ± {row['spm']['stderr']:.3f}   "
               f"base {row['base']['accuracy']:.3f} ± {row['base']['stderr']:.3f}   n={row['spm']['n']}")
+    if args.against:
+        print(f"SPM − {args.against}, paired on the same pairs:")
+        for t, row in [("clean", clean), *result["buckets"].items()]:
+            d = row["difference"]
+            print(f"{t:>7}  against {row['against']['accuracy']:.3f}   difference {d['difference']:+.3f} ± "
+                  f"{d['stderr']:.3f}   (SPM alone right {d['a_only']}, against alone right {d['b_only']})")
     for t, row in [("clean", clean), *result["buckets"].items()]:
         if "unseen_prompts" in row:
             u = row["unseen_prompts"]

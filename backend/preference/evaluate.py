@@ -40,6 +40,21 @@ def accuracy_of(correct: list[bool]) -> dict:
     return {"accuracy": acc, "stderr": se, "n": n}
 
 
+def paired_difference(a_ok: list[bool], b_ok: list[bool]) -> dict:
+    """Accuracy of scorer A minus scorer B on the same pairs, with the standard error of the paired
+    difference: d_i = [A right on pair i] − [B right on pair i] ∈ {−1, 0, 1}, SE = sd(d) / √n. Pairs both get
+    right or both get wrong add nothing to the difference and little to the error, so it is smaller than
+    either accuracy's own SE when the two scorers agree often. `a_only` / `b_only`: the discordant pairs."""
+    if len(a_ok) != len(b_ok):
+        raise ValueError(f"paired difference of {len(a_ok)} and {len(b_ok)} verdicts: not the same pairs")
+    n = len(a_ok)
+    d = [int(a) - int(b) for a, b in zip(a_ok, b_ok)]
+    mean = sum(d) / n if n else float("nan")
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else float("nan")
+    return {"difference": mean, "stderr": math.sqrt(var / n) if n > 1 else float("nan"), "n": n,
+            "a_only": sum(x == 1 for x in d), "b_only": sum(x == -1 for x in d)}
+
+
 def _batches(pairs: list, size: int, batch_size: int):
     """Yield (images [2B, 3, size, size] with pairs as rows i and B+i, their prompts, whether image 0 won)."""
     for i in range(0, len(pairs), batch_size):
@@ -105,14 +120,16 @@ def bucket_verdicts(scorers: dict, base_model, pairs: list, buckets=BUCKETS, bat
 
 def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS, max_pairs: int = 0,
              batch_size: int = 32, cfg_scale: float = 5.0, seed: int = 0, latent_decode: bool = False,
-             train_data=None, val_fraction: float = 0.0, spm_clip=None) -> dict:
+             train_data=None, val_fraction: float = 0.0, spm_clip=None, against=None) -> dict:
     """Pairwise accuracy of the SPM (at t) and the base scorer (no t) on the same one-step x̂0 images;
     also on the clean images themselves (`clean`: SPM at t = 0, as SPO scores its final candidates, with
     no VAE encode/decode round trip in between). `max_pairs`: read at most this many rows (0: all);
     `latent_decode`: both see the fast preview decode (`Scorer(latent_decode=True)`) instead of the full one.
     `train_data`: the training file; adds `unseen_prompts` (pairs whose caption it lacks) to every row.
     `val_fraction` > 0: evaluate on the validation split of `data_path` (a training file trained with the
-    same `val_fraction`) instead of the whole file. `spm_clip`: the CLIP folder of an official SPM file."""
+    same `val_fraction`) instead of the whole file. `spm_clip`: the CLIP folder of an official SPM file.
+    `against`: another step-aware SPM (pixel or latent) judged on the same inputs; every row then also has
+    `against` (its accuracy) and `difference` (SPM − against, paired per pair, `paired_difference`)."""
     spm = Scorer.from_path(spm_path, base_model, clip_folder=spm_clip, latent_decode=latent_decode)
     base = Scorer.from_path(base_scorer_path, base_model, latent_decode=latent_decode)
     pairs = load_pairs(data_path, max_pairs, val_fraction)
@@ -120,24 +137,30 @@ def eval_spm(spm_path, base_scorer_path, base_model, data_path, buckets=BUCKETS,
                     "cfg_scale": cfg_scale, "seed": seed, "latent_decode": latent_decode, "buckets": {}}
     if val_fraction > 0:
         result["val_fraction"] = val_fraction
-    verdicts = bucket_verdicts({"spm": (spm, True), "base": (base, False)}, base_model, pairs, buckets, batch_size,
-                               cfg_scale, seed, decode=spm.decode if latent_decode else None)
+    scorers = {"spm": (spm, True), "base": (base, False)}
+    if against is not None:
+        scorers["against"] = (Scorer.from_path(against, base_model, latent_decode=latent_decode), True)
+        result["against"] = str(against)
+    verdicts = bucket_verdicts(scorers, base_model, pairs, buckets, batch_size, cfg_scale, seed,
+                               decode=spm.decode if latent_decode else None)
     unseen = None
     if train_data is not None:
         seen = captions(train_data)
         unseen = [p.caption not in seen for p in pairs]
         result["train_data"] = str(train_data)
 
-    def row(spm_ok: list[bool], base_ok: list[bool]) -> dict:
-        out = {"spm": accuracy_of(spm_ok), "base": accuracy_of(base_ok)}
+    def row(by_name: dict[str, list[bool]]) -> dict:
+        out = {name: accuracy_of(ok) for name, ok in by_name.items()}
+        if against is not None:
+            out["difference"] = paired_difference(by_name["spm"], by_name["against"])
         if unseen is not None:
-            out["unseen_prompts"] = {"spm": accuracy_of([ok for ok, u in zip(spm_ok, unseen) if u]),
-                                     "base": accuracy_of([ok for ok, u in zip(base_ok, unseen) if u])}
+            out["unseen_prompts"] = {name: accuracy_of([v for v, u in zip(ok, unseen) if u])
+                                     for name, ok in by_name.items()}
         return out
 
-    result["clean"] = row(verdicts["clean"]["spm"], verdicts["clean"]["base"])
+    result["clean"] = row(verdicts["clean"])
     for t_value in buckets:
-        result["buckets"][str(t_value)] = row(verdicts[str(t_value)]["spm"], verdicts[str(t_value)]["base"])
+        result["buckets"][str(t_value)] = row(verdicts[str(t_value)])
     return result
 
 
@@ -149,7 +172,10 @@ def plot_buckets(result: dict, out_png: Path) -> None:
 
     ts = [int(t) for t in result["buckets"]]
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    for key, label in (("spm", "step-aware PM"), ("base", "base scorer")):
+    curves = (("spm", "step-aware PM"), ("base", "base scorer"))
+    if "against" in result:
+        curves += (("against", f"against: {Path(result['against']).name}"),)
+    for key, label in curves:
         acc = [result["buckets"][str(t)][key]["accuracy"] for t in ts]
         err = [result["buckets"][str(t)][key]["stderr"] for t in ts]
         ax.errorbar(ts, acc, yerr=err, marker="o", capsize=3, label=label)
