@@ -103,6 +103,16 @@ def has_module(python: str, module: str) -> str | None:
     return res.stdout.strip() if res.returncode == 0 else None
 
 
+def installed_root(python: str) -> str | None:
+    """The folder `python` imports `spo_studio` from (an editable install points at one checkout), or None."""
+    code = "import os, sys, spo_studio; sys.stdout.write(os.path.dirname(os.path.abspath(spo_studio.__file__)))"
+    try:
+        res = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    except OSError:  # no such interpreter
+        return None
+    return (res.stdout.strip() or None) if res.returncode == 0 else None
+
+
 def venv_python(venv_dir: Path) -> Path:
     return venv_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
@@ -223,7 +233,13 @@ def setup(python: str, with_tests: bool, lock: Path | None = LOCK) -> None:
     if not own_env:
         stamp = ROOT / ".cache" / STAMP_NAME
     digest = stamp_digest(python, files, lock)
-    if stamp.exists() and stamp.read_text() == digest and has_module(python, "spo_studio.backend") is not None:
+    # an environment shared by two checkouts imports whichever was installed last: re-point it at this one
+    other = installed_root(python)
+    elsewhere = other is not None and Path(other).resolve() != ROOT.resolve()
+    if elsewhere:
+        say(f"note: this environment's spo_studio is the checkout at {other}; pointing it at {ROOT}")
+    if (not elsewhere and stamp.exists() and stamp.read_text() == digest
+            and has_module(python, "spo_studio.backend") is not None):
         say("environment already up to date")
         return
 
@@ -259,6 +275,10 @@ def setup(python: str, with_tests: bool, lock: Path | None = LOCK) -> None:
             "torchvision that does not match torch breaks diffusers' pipeline imports.")
     if has_module(python, "spo_studio.backend") is None:
         fail("the install finished but `import spo_studio.backend` fails; run it by hand to see why.")
+    now = installed_root(python)
+    if now is None or Path(now).resolve() != ROOT.resolve():
+        fail(f"the install finished but {python} imports spo_studio from {now}, not from {ROOT}; "
+             f"another install of it shadows this checkout (see `pip show -f spo_studio`).")
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(digest)
     say(f"ready: {python} (torch {torch_version})")

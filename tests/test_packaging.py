@@ -108,6 +108,7 @@ def _fake_env(install, monkeypatch, installed: dict[str, str] | None = None, pip
         "torch": "2.13.0+cpu", "spo_studio.backend": "0.1.0"}.get(module))
     monkeypatch.setattr(install, "python_version", lambda python: install.read_lock(install.LOCK)[0])
     monkeypatch.setattr(install, "installed_versions", lambda python: dict(installed or {}))
+    monkeypatch.setattr(install, "installed_root", lambda python: str(install.ROOT))
     return calls
 
 
@@ -129,6 +130,35 @@ def test_install_keeps_torch_pins_it_and_is_idempotent(tmp_path, monkeypatch):
     assert calls == [], "second run with the same requirements installs nothing"
 
 
+def test_a_shared_environment_is_pointed_at_this_checkout(tmp_path, monkeypatch, capsys):
+    """Two checkouts in one environment: the stamp of this one matches, but spo_studio is imported from the
+    other, so setup installs this one again (editable) and says so; if it still shadows, setup fails."""
+    install = _load_install()
+    monkeypatch.setattr(install, "ROOT", ROOT)
+    calls = _fake_env(install, monkeypatch)
+    python = str(_fake_python(tmp_path))
+    install.setup(python, with_tests=False)
+    calls.clear()
+    where = {"root": str(tmp_path / "other_checkout")}
+
+    def fake_pip(python, *argv, check=True):
+        calls.append(argv)
+        if "-e" in argv:
+            where["root"] = argv[-1]
+        return True
+
+    monkeypatch.setattr(install, "pip", fake_pip)
+    monkeypatch.setattr(install, "installed_root", lambda python: where["root"])
+    install.setup(python, with_tests=False)
+    assert ("-e", str(ROOT)) == calls[-1][-2:]
+    assert f"checkout at {tmp_path / 'other_checkout'}; pointing it at {ROOT}" in capsys.readouterr().out
+    monkeypatch.setattr(install, "pip", lambda python, *argv, check=True: True)  # the other one stays first
+    where["root"] = str(tmp_path / "other_checkout")
+    with pytest.raises(SystemExit):
+        install.setup(python, with_tests=False)
+    assert "imports spo_studio from" in capsys.readouterr().err
+
+
 def test_install_adds_torch_only_when_missing(tmp_path, monkeypatch):
     install = _load_install()
     state = {"torch": None}
@@ -144,6 +174,7 @@ def test_install_adds_torch_only_when_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(install, "has_module",
                         lambda python, module: {"torch": state["torch"], "spo_studio.backend": "0.1.0"}.get(module))
     monkeypatch.setattr(install, "python_version", lambda python: install.read_lock(install.LOCK)[0])
+    monkeypatch.setattr(install, "installed_root", lambda python: str(install.ROOT))
     install.setup(str(_fake_python(tmp_path)), with_tests=False)
     assert calls[0] == ("torch==2.13.0",)
 
