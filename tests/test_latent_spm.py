@@ -70,6 +70,34 @@ def test_scores_never_decode_and_ignore_a_vae_swap(tiny_dirs, tiny_lspm):
     assert len(pairs) == 2 * 4 and stats["pair_yield"] == 1.0
 
 
+def test_an_sdxl_latent_spm_reads_pooled_embeds_and_time_ids(tiny_dirs, tmp_path):
+    """SDXL: built from the SDXL UNet's encoder under both text encoders; its score depends on the pooled text
+    embedding and the time ids (through the added embedding), it trains, saves and loads to the same scores."""
+    import dataclasses
+
+    sdxl = load_model(tiny_dirs["sdxl"], device="cpu", dtype="fp32")
+    data = write_pairs(tmp_path / "pairs.parquet")
+    path = train_spm(_cfg(tiny_dirs, data, tmp_path / "run", base_model=str(tiny_dirs["sdxl"]), max_steps=2))
+    lspm = LatentPreferenceModel.load(path)
+    assert lspm.family == "sdxl" and len(lspm.text.text_encoders) == 2
+    scorer = Scorer.from_path(path, sdxl)
+    z = torch.randn(2, sdxl.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue square"]
+    scores = scorer.score_latents(z, prompts, 500, family="sdxl")
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    cond = lspm.conditioning(prompts)
+    assert cond.pooled is not None and cond.time_ids is not None
+    t = torch.full((2,), 500)
+    with torch.no_grad():
+        same = lspm(z, cond, t)
+        no_pooled = lspm(z, dataclasses.replace(cond, pooled=torch.zeros_like(cond.pooled)), t)
+        other_size = lspm(z, dataclasses.replace(cond, time_ids=cond.time_ids * 2), t)
+    assert torch.allclose(same, scores, atol=1e-5)
+    assert (same - no_pooled).abs().max() > 1e-6 and (same - other_size).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="reads SDXL latents, but the latents are SD1.5's"):
+        scorer.score_latents(z, prompts, 0, family="sd15")
+
+
 def test_wrong_family_latents_are_a_clear_error(tiny_dirs, tiny_lspm):
     sdxl = load_model(tiny_dirs["sdxl"], device="cpu", dtype="fp32")
     with pytest.raises(ValueError, match="reads SD1.5 latents, but the model is SDXL"):
