@@ -315,9 +315,9 @@ class StepRecorder:
         return fit_latent_rgb(x0, self.judge.decode(x0))
 
     def trace(self, **meta) -> StepTrace:
-        """The run's StepTrace. A latent SPM decoded nothing while sampling but once: its thumbnails are
-        Latent2RGB previews of every step's x̂0 through a linear map fitted to ONE decode, of the second-to-last
-        step's x̂0 (`fit_step`; of the last step's where the sampler reported fewer steps)."""
+        """The run's StepTrace. With a latent SPM the thumbnails are Latent2RGB previews of every step's x̂0
+        through a linear map fitted to the run's ONE decode, of the second-to-last step's x̂0 (`fit_step`; of
+        the last step's where the sampler reported fewer steps)."""
         done = sorted(self._done, key=lambda r: r.step)
         if done and done[0].thumbs is None:
             mapping = self._mapping if self._mapping is not None else self._fit_map(done[-1].x0)
