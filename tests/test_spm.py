@@ -262,6 +262,13 @@ def test_eval_spm_and_score_commands(tiny_dirs, tiny_spm, tmp_path):
         unseen = [v for v, p in zip(verdicts, pairs) if p.caption == "a blue square"]
         assert result["clean"]["unseen_prompts"][key]["accuracy"] == sum(unseen) / 3
     assert (out / "spm_eval.png").exists()
+    # --against: the same SPM against itself differs by nothing, on no pair
+    assert main(["eval-spm", "--spm", str(tiny_spm), "--base-scorer", str(tiny_spm), "--model", str(tiny_dirs["sd15"]),
+                 "--data", str(data), "--max-pairs", "9", "--against", str(tiny_spm), "--out", str(out)]) == 0
+    itself = json.loads((out / "spm_eval.json").read_text())
+    for row in [itself["clean"], *itself["buckets"].values()]:
+        assert row["against"] == row["spm"]
+        assert (row["difference"]["difference"], row["difference"]["a_only"], row["difference"]["b_only"]) == (0, 0, 0)
 
     score_dir = tmp_path / "score"
     assert main(["score", "--model", str(tiny_dirs["sd15"]), "--spm", str(tiny_spm), "--prompt", "a red circle",
