@@ -96,21 +96,22 @@ def in_managed_env() -> bool:
     return ROOT.parent.name == "custom_nodes"  # ComfyUI runs us with its own Python
 
 
-def has_module(python: str, module: str) -> str | None:
-    """Version string of `module` importable by `python`, or None."""
-    code = f"import {module}, sys; sys.stdout.write({module}.__version__)"
+def _python_says(python: str, code: str) -> str | None:
+    """What `code` writes to stdout when `python` runs it, or None if it fails."""
     res = subprocess.run([python, "-c", code], capture_output=True, text=True)
     return res.stdout.strip() if res.returncode == 0 else None
 
 
+def has_module(python: str, module: str) -> str | None:
+    """Version string of `module` importable by `python`, or None."""
+    return _python_says(python, f"import {module}, sys; sys.stdout.write({module}.__version__)")
+
+
 def installed_root(python: str) -> str | None:
-    """The folder `python` imports `spo_studio` from (an editable install points at one checkout), or None."""
-    code = "import os, sys, spo_studio; sys.stdout.write(os.path.dirname(os.path.abspath(spo_studio.__file__)))"
-    try:
-        res = subprocess.run([python, "-c", code], capture_output=True, text=True)
-    except OSError:  # no such interpreter
-        return None
-    return (res.stdout.strip() or None) if res.returncode == 0 else None
+    """The folder `python` imports `spo_studio` from (an editable install points at one checkout), or None when
+    `spo_studio.backend` does not import."""
+    return _python_says(python, "import os, sys, spo_studio.backend as b; "
+                                "sys.stdout.write(os.path.dirname(os.path.dirname(os.path.abspath(b.__file__))))")
 
 
 def venv_python(venv_dir: Path) -> Path:
@@ -238,8 +239,7 @@ def setup(python: str, with_tests: bool, lock: Path | None = LOCK) -> None:
     elsewhere = other is not None and Path(other).resolve() != ROOT.resolve()
     if elsewhere:
         say(f"note: this environment's spo_studio is the checkout at {other}; pointing it at {ROOT}")
-    if (not elsewhere and stamp.exists() and stamp.read_text() == digest
-            and has_module(python, "spo_studio.backend") is not None):
+    if other is not None and not elsewhere and stamp.exists() and stamp.read_text() == digest:
         say("environment already up to date")
         return
 
@@ -273,10 +273,10 @@ def setup(python: str, with_tests: bool, lock: Path | None = LOCK) -> None:
     if has_module(python, "torchvision") is not None:
         say("warning: torchvision is installed in this environment; SPO Studio does not need it, and a "
             "torchvision that does not match torch breaks diffusers' pipeline imports.")
-    if has_module(python, "spo_studio.backend") is None:
-        fail("the install finished but `import spo_studio.backend` fails; run it by hand to see why.")
     now = installed_root(python)
-    if now is None or Path(now).resolve() != ROOT.resolve():
+    if now is None:
+        fail("the install finished but `import spo_studio.backend` fails; run it by hand to see why.")
+    if Path(now).resolve() != ROOT.resolve():
         fail(f"the install finished but {python} imports spo_studio from {now}, not from {ROOT}; "
              f"another install of it shadows this checkout (see `pip show -f spo_studio`).")
     stamp.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..config import atomic_write_text
+from ..evaluation import mean_se
 from .data import PickAPicStream, captions
 from .scoring import Scorer
 from .train import images_tensor, noisy_latents, one_step_x0_images
@@ -47,11 +48,9 @@ def paired_difference(a_ok: list[bool], b_ok: list[bool]) -> dict:
     either accuracy's own SE when the two scorers agree often. `a_only` / `b_only`: the discordant pairs."""
     if len(a_ok) != len(b_ok):
         raise ValueError(f"paired difference of {len(a_ok)} and {len(b_ok)} verdicts: not the same pairs")
-    n = len(a_ok)
     d = [int(a) - int(b) for a, b in zip(a_ok, b_ok)]
-    mean = sum(d) / n if n else float("nan")
-    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else float("nan")
-    return {"difference": mean, "stderr": math.sqrt(var / n) if n > 1 else float("nan"), "n": n,
+    m = mean_se(d)
+    return {"difference": m["mean"], "stderr": m["stderr"], "n": m["n"],
             "a_only": sum(x == 1 for x in d), "b_only": sum(x == -1 for x in d)}
 
 
